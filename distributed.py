@@ -1,0 +1,79 @@
+"""torchrun process groups and the two collectives SNCLR needs, on CPU (gloo) and GPU (nccl).
+
+A plain `python train.py` is one process and never creates a process group; every function
+here then degenerates to the identity, so the same training step runs everywhere.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Env:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> Env:
+    """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE and join the process group.
+
+    device: "auto" (CUDA when present), "cuda" or "cpu". GPUs use nccl, one GPU per local
+    rank; CPUs use gloo.
+    """
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"unknown device {device!r}; choose auto, cuda or cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is visible")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Env(rank, world, dev)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+@torch.no_grad()
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x (B, ...) from every rank in rank order -> (R * B, ...), no gradient.
+
+    SNCLR gathers momentum keys and neighbour indices, neither of which carries a gradient
+    (MoCo v3's concat_all_gather). Every rank must pass the same shape.
+    """
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum x over ranks (a new tensor; x is unchanged)."""
+    x = x.clone()
+    if world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

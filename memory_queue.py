@@ -1,0 +1,79 @@
+"""The memory queue C of SNCLR and the candidate-neighbour search (paper Sec. 3.1, Eq. 3).
+
+C is a FIFO of L2-normalised momentum-branch projections k = g'(f'(x)). Each step the
+training loop first searches C for the K nearest entries of every key (Eq. 3), and only
+*after* the loss is computed enqueues this step's gathered view-2 keys, so an image is never
+its own neighbour within a step.
+
+Unlike the released code, which starts each GPU's bank from random vectors and never
+synchronises it, this queue starts empty, searches only the slots that hold real keys, and is
+fed the keys gathered over all ranks, so it is the same tensor on every rank. Its state lives
+in persistent buffers, so `model.state_dict()` checkpoints it.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class MemoryQueue(nn.Module):
+    """FIFO of `size` L2-normalised `dim`-dimensional keys.
+
+    Buffers (all persistent, hence checkpointed):
+      features (size, dim) the entries; only rows [0, filled) are meaningful
+      ptr      ()          the next row to write
+      filled   ()          how many rows hold real keys (grows to `size`, then stays)
+    Rows are written in order 0, 1, 2, ... and wrap around, so the filled rows are always the
+    prefix [0, filled).
+    """
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        if size < 1 or dim < 1:
+            raise ValueError(f"MemoryQueue needs size >= 1 and dim >= 1, got size={size}, dim={dim}")
+        self.size, self.dim = size, dim
+        self.register_buffer("features", torch.zeros(size, dim))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+
+    def __len__(self) -> int:
+        return int(self.filled)
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Write keys (n, dim) after the newest entry, overwriting the oldest ones (FIFO).
+
+        The rows written are (ptr + 0 .. n-1) mod size, so a batch that runs past the end of the
+        buffer wraps to its start; n need not divide `size`.
+        """
+        if keys.dim() != 2 or keys.shape[1] != self.dim:
+            raise ValueError(f"enqueue expects keys of shape (n, {self.dim}), got {tuple(keys.shape)}")
+        n = keys.shape[0]
+        if n > self.size:
+            raise ValueError(f"cannot enqueue {n} keys into a queue of size {self.size}; "
+                             f"use a queue at least as large as the global batch")
+        rows = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.size  # (n,)
+        self.features[rows] = F.normalize(keys.detach().float(), dim=1)           # (n, dim)
+        self.ptr.copy_((self.ptr + n) % self.size)
+        self.filled.copy_(torch.clamp(self.filled + n, max=self.size))
+
+    @torch.no_grad()
+    def nearest_indices(self, query: torch.Tensor, k: int) -> torch.Tensor:
+        """Rows of the k entries with the largest cosine to each query: (B, dim) -> (B, k)."""
+        if query.dim() != 2 or query.shape[1] != self.dim:
+            raise ValueError(f"query must have shape (B, {self.dim}), got {tuple(query.shape)}")
+        filled = int(self.filled)
+        if not 0 <= k <= filled:
+            raise ValueError(f"asked for k={k} neighbours but the queue holds {filled} entries "
+                             f"(size {self.size}); k must be in [0, {filled}]")
+        q = F.normalize(query.detach().float(), dim=1)     # (B, dim)
+        sim = q @ self.features[:filled].T                 # (B, filled) cosines: entries are unit
+        return sim.topk(k, dim=1).indices                  # (B, k), most similar first
+
+    @torch.no_grad()
+    def nearest_neighbors(self, query: torch.Tensor, k: int) -> torch.Tensor:
+        """Eq. 3: NN(q) = the k entries c of C with the largest cos(q, c).
+
+        query (B, dim) -> neighbours (B, k, dim), unit norm, most similar first. Only filled
+        slots are searched; k larger than the number of filled slots is an error.
+        """
+        return self.features[self.nearest_indices(query, k)]  # (B, k, dim)

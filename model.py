@@ -1,0 +1,163 @@
+"""The SNCLR model: encoder f, projector g, predictor h, their momentum copies, positiveness
+and the memory queue (paper Sec. 3, Fig. 2), built the way MoCo v3 builds its networks.
+
+One training step (train.py, `train_step`) composes these pieces; every state change is
+there, in order, and none happens inside `forward`:
+
+    k1, k2 = model.momentum_keys(x1), model.momentum_keys(x2)    # k = g'(f'(x)), no gradient
+    K_all  = all_gather(k)                                        # collective, no gradient
+    n      = model.queue.nearest_neighbors(k, K); all_gather(n)   # Eq. 3, queue before update
+    loss   = model(x1, x2, k1_all, k2_all, n1_all, n2_all, rank)  # Eq. 4 + Eq. 2, symmetric
+    loss.backward(); optimizer.step()
+    model.momentum_update(m)                                      # EMA of f, g into f', g'
+    model.queue.enqueue(k2_all)                                   # FIFO, view-2 keys only
+
+With K = 0 (or while the queue holds fewer than K keys) the loss is Eq. 1, so the same model
+is the MoCo v3 baseline.
+"""
+import copy
+import math
+
+import torch
+import torch.nn as nn
+import torchvision
+from torchvision.models.vision_transformer import VisionTransformer
+
+from loss import FORMS, snclr_loss
+from memory_queue import MemoryQueue
+from positiveness import Positiveness
+
+# ViT sizes (layers, heads, width): DeiT-Tiny, and ViT-S/ViT-B as in MoCo v3 (MLP ratio 4).
+VITS = {"vit_tiny": (12, 3, 192), "vit_small": (12, 6, 384), "vit_base": (12, 12, 768)}
+RESNETS = ("resnet18", "resnet34", "resnet50")
+ARCHS = RESNETS + tuple(VITS)
+SMALL_IMAGE = 64  # at or below this side length the small-image stems are used (CIFAR, MNIST)
+
+
+def build_backbone(arch: str, image_size: int = 224) -> tuple[nn.Module, int]:
+    """The encoder f: a torchvision ResNet or VisionTransformer without classifier.
+
+    Returns (module, feature dim). For small images (<= 64 px) ResNets use the CIFAR stem
+    (3x3 stride-1 conv1, no max-pool) and ViTs use 4x4 patches instead of 16x16, so a 32 px
+    image still gives 8x8 feature maps / 64 tokens. The classifier (ResNet `fc`, ViT `heads`)
+    is an Identity, so the state dict is torchvision's minus the classifier.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
+    small = image_size <= SMALL_IMAGE
+    if arch in RESNETS:
+        net = getattr(torchvision.models, arch)()
+        if small:
+            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        dim = net.fc.in_features
+        net.fc = nn.Identity()
+        return net, dim
+    layers, heads, width = VITS[arch]
+    patch = 4 if small else 16
+    if image_size % patch:
+        raise ValueError(f"{arch} needs an image size divisible by its patch size {patch}, "
+                         f"got {image_size}")
+    net = VisionTransformer(image_size, patch, layers, heads, width, 4 * width)
+    net.heads = nn.Identity()
+    return net, width
+
+
+def build_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int,
+              last_bn: bool = True) -> nn.Sequential:
+    """MoCo v3's MLP: Linear (no bias) + BN + ReLU between layers; optional affine-free last BN."""
+    layers = []
+    for i in range(num_layers):
+        d_in = in_dim if i == 0 else hidden_dim
+        d_out = out_dim if i == num_layers - 1 else hidden_dim
+        layers.append(nn.Linear(d_in, d_out, bias=False))
+        if i < num_layers - 1:
+            layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+        elif last_bn:  # SimCLR's affine-free BN on the output, kept by MoCo v3
+            layers.append(nn.BatchNorm1d(d_out, affine=False))
+    return nn.Sequential(*layers)
+
+
+def momentum_schedule(step: int, total_steps: int, base: float = 0.99) -> float:
+    """MoCo v3 / BYOL: m rises from `base` to 1 on a half cosine over training.
+
+    m(t) = 1 - (1 - base) * (cos(pi * t / T) + 1) / 2
+    """
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * step / max(total_steps, 1)) + 1.0) / 2.0
+
+
+class SNCLR(nn.Module):
+    """Online branch (f, g, h), momentum branch (f', g'), positiveness and queue C.
+
+    Projector / predictor depths follow MoCo v3: ResNet 2-layer projector and 2-layer
+    predictor without last BN; ViT 3-layer projector and 2-layer predictor with last BN.
+    """
+
+    def __init__(self, arch: str = "resnet50", image_size: int = 224, dim: int = 256,
+                 mlp_dim: int = 4096, tau: float = 0.2, num_neighbors: int = 30,
+                 queue_size: int = 65536, positiveness: str = "cosine", loss_form: str = "code",
+                 threshold: bool = False, stop_grad_patch: bool = False):
+        super().__init__()
+        if not tau > 0:
+            raise ValueError(f"temperature tau must be > 0, got {tau}")
+        if not 0 <= num_neighbors <= queue_size:
+            raise ValueError(f"num_neighbors K={num_neighbors} must be in [0, queue_size="
+                             f"{queue_size}]: the neighbours are searched in the queue")
+        if loss_form not in FORMS:
+            raise ValueError(f"unknown loss form {loss_form!r}; choose one of {FORMS}")
+        self.tau, self.num_neighbors, self.loss_form = tau, num_neighbors, loss_form
+        vit = arch in VITS
+        self.backbone, feat_dim = build_backbone(arch, image_size)                   # f
+        self.projector = build_mlp(3 if vit else 2, feat_dim, mlp_dim, dim)          # g
+        self.predictor = build_mlp(2, dim, mlp_dim, dim, last_bn=vit)                # h
+        if vit and stop_grad_patch:  # MoCo v3: a frozen random patch embedding stabilises ViTs
+            self.backbone.conv_proj.requires_grad_(False)
+        self.momentum_backbone = copy.deepcopy(self.backbone)                        # f'
+        self.momentum_projector = copy.deepcopy(self.projector)                      # g'
+        for p in self.momentum_parameters():
+            p.requires_grad_(False)
+        self.positiveness = Positiveness(dim, positiveness, threshold=threshold)    # Eq. 4
+        self.queue = MemoryQueue(queue_size, dim)                                    # C, Eq. 3
+
+    def online_parameters(self):
+        return list(self.backbone.parameters()) + list(self.projector.parameters())
+
+    def momentum_parameters(self):
+        return list(self.momentum_backbone.parameters()) + list(self.momentum_projector.parameters())
+
+    @torch.no_grad()
+    def momentum_keys(self, x: torch.Tensor) -> torch.Tensor:
+        """k = g'(f'(x)): images (B, 3, H, W) -> keys (B, dim), no gradient."""
+        return self.momentum_projector(self.momentum_backbone(x))
+
+    @torch.no_grad()
+    def momentum_update(self, m: float) -> None:
+        """EMA: theta' <- m * theta' + (1 - m) * theta, for f' and g' (MoCo, BYOL)."""
+        for online, target in zip(self.online_parameters(), self.momentum_parameters()):
+            target.mul_(m).add_(online.detach(), alpha=1.0 - m)
+
+    def neighbors_ready(self) -> int:
+        """K if the queue already holds K keys, else 0 (then the loss is plain Eq. 1)."""
+        return self.num_neighbors if len(self.queue) >= self.num_neighbors else 0
+
+    def forward(self, x1, x2, keys1, keys2, neighbors1, neighbors2, rank: int = 0):
+        """Symmetric SNCLR loss 2 * tau * (L(z1; k2) + L(z2; k1)) and detached statistics.
+
+        x1, x2 (B, 3, H, W) this rank's two views; keys1, keys2 (N, dim) momentum keys gathered
+        over ranks; neighbors1, neighbors2 (N, K, dim) their neighbours in the queue (Eq. 3).
+        The 2 * tau factor is MoCo v3's: it makes the gradient scale independent of tau.
+        """
+        B = x1.shape[0]
+        own = slice(rank * B, (rank + 1) * B)                  # this rank's rows of the gathers
+        y1 = self.projector(self.backbone(x1))                 # (B, dim) online projections
+        y2 = self.projector(self.backbone(x2))                 # (B, dim)
+        z1, z2 = self.predictor(y1), self.predictor(y2)        # (B, dim) queries
+        w1 = self.positiveness(y1, neighbors2[own])            # (B, K) Eq. 4, view 1 vs NN(k2)
+        w2 = self.positiveness(y2, neighbors1[own])            # (B, K) Eq. 4, view 2 vs NN(k1)
+        loss = 2 * self.tau * (
+            snclr_loss(z1, keys2, neighbors2, w1, self.tau, rank, self.loss_form)
+            + snclr_loss(z2, keys1, neighbors1, w2, self.tau, rank, self.loss_form))
+        w = torch.cat([w1, w2]).detach().float()               # (2B, K)
+        stats = {"w_mean": w.mean() if w.numel() else w.new_zeros(()),
+                 "w_max": w.max() if w.numel() else w.new_zeros(())}
+        return loss, stats

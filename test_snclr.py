@@ -1,0 +1,453 @@
+"""Tests: each equation against a naive loop reference and analytic cases, the queue, the model,
+the training script (two processes, resume, CLI) and evaluation. `pytest test_snclr.py`."""
+import json
+import math
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import distributed
+from lars import LARS, param_groups
+from loss import info_nce, snclr_loss
+from memory_queue import MemoryQueue
+from model import SNCLR, build_backbone, momentum_schedule
+from positiveness import Positiveness
+
+HERE = pathlib.Path(__file__).resolve().parent
+TINY = dict(image_size=16, dim=16, mlp_dim=32)  # small enough for a 2-core CPU
+
+
+def unit(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+
+# ------------------------------------------------------------- naive loop references ---
+def cos(a, b):
+    return float(a @ b) / (float(a.norm()) * float(b.norm()))
+
+
+def loop_info_nce(z, keys, tau, rank):
+    B, total = z.shape[0], 0.0
+    for b in range(B):
+        expo = [math.exp(cos(z[b], keys[j]) / tau) for j in range(keys.shape[0])]
+        total += -math.log(expo[rank * B + b] / sum(expo))
+    return total / B
+
+
+def loop_snclr(z, keys, neighbors, w, tau, rank, form):
+    """Eq. 2 written out: candidates c_(j,0) = k_j, c_(j,i) = NN(k_j)_i."""
+    B, N, K = z.shape[0], keys.shape[0], neighbors.shape[1]
+    total = 0.0
+    for b in range(B):
+        cands = [[keys[j]] + [neighbors[j, i] for i in range(K)] for j in range(N)]
+        expo = [[math.exp(cos(z[b], c) / tau) for c in row] for row in cands]
+        denom = sum(sum(row) for row in expo)
+        p = [e / denom for e in expo[rank * B + b]]            # own key, then own neighbours
+        if form == "paper":
+            total += -math.log(p[0] + sum(float(w[b, i]) * p[i + 1] for i in range(K)))
+        else:
+            total += -(math.log(p[0]) + sum(float(w[b, i]) * math.log(p[i + 1]) for i in range(K)))
+    return total / B
+
+
+# ------------------------------------------------------------------------ Eq. 1, Eq. 2 ---
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_info_nce_matches_loop(rank):
+    z, keys = torch.randn(4, 8), torch.randn(12, 8)
+    assert info_nce(z, keys, 0.3, rank).item() == pytest.approx(loop_info_nce(z, keys, 0.3, rank), rel=1e-5)
+
+
+@pytest.mark.parametrize("form", ["code", "paper"])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_snclr_loss_matches_loop(form, rank):
+    g = torch.Generator().manual_seed(1)
+    z, keys, nb = torch.randn(3, 5, generator=g), torch.randn(6, 5, generator=g), torch.randn(6, 4, 5, generator=g)
+    w = torch.rand(3, 4, generator=g)
+    w[0, 1] = 0.0  # a zero weight must be handled exactly by both forms
+    got = snclr_loss(z, keys, nb, w, 0.2, rank, form).item()
+    assert got == pytest.approx(loop_snclr(z, keys, nb, w, 0.2, rank, form), rel=1e-5)
+
+
+def test_zero_weights_make_both_forms_infonce_over_candidates():
+    z, keys, nb = torch.randn(4, 6), torch.randn(4, 6), torch.randn(4, 3, 6)
+    w = torch.zeros(4, 3)
+    code, paper = snclr_loss(z, keys, nb, w, 0.5, form="code"), snclr_loss(z, keys, nb, w, 0.5, form="paper")
+    # InfoNCE over the enlarged set: place all neighbours after the keys; positives stay rows 0..B-1
+    enlarged = torch.cat([keys, nb.reshape(-1, 6)])
+    assert code.item() == pytest.approx(info_nce(z, enlarged, 0.5).item(), rel=1e-5)
+    assert paper.item() == pytest.approx(code.item(), rel=1e-5)
+
+
+def test_k0_equals_info_nce():
+    z, keys = torch.randn(4, 6), torch.randn(8, 6)
+    for form in ("code", "paper"):
+        got = snclr_loss(z, keys, torch.empty(8, 0, 6), torch.empty(4, 0), 0.2, rank=1, form=form)
+        assert got.item() == pytest.approx(info_nce(z, keys, 0.2, rank=1).item(), rel=1e-6)
+
+
+def test_identical_candidates_give_log_of_candidate_count():
+    B, N, K = 3, 6, 4
+    v = torch.randn(7)
+    keys, nb, z = v.expand(N, 7), v.expand(N, K, 7), torch.randn(B, 7)
+    w = torch.rand(B, K)
+    M = N * (K + 1)  # every p = 1 / M
+    assert info_nce(z, keys, 0.1).item() == pytest.approx(math.log(N), rel=1e-6)
+    assert snclr_loss(z, keys, nb, torch.zeros(B, K), 0.1).item() == pytest.approx(math.log(M), rel=1e-6)
+    code = (math.log(M) * (1 + w.sum(1))).mean().item()            # -(1 + sum w) log(1/M)
+    paper = (math.log(M) - torch.log1p(w.sum(1))).mean().item()    # -log((1 + sum w) / M)
+    assert snclr_loss(z, keys, nb, w, 0.1, form="code").item() == pytest.approx(code, rel=1e-6)
+    assert snclr_loss(z, keys, nb, w, 0.1, form="paper").item() == pytest.approx(paper, rel=1e-6)
+
+
+def test_rank_offset_is_the_full_batch_split():
+    """Mean over ranks of the per-rank loss == the loss of one process holding the whole batch."""
+    R, B, K, D = 3, 2, 2, 5
+    z, keys, nb, w = torch.randn(R * B, D), torch.randn(R * B, D), torch.randn(R * B, K, D), torch.rand(R * B, K)
+    for form in ("code", "paper"):
+        whole = snclr_loss(z, keys, nb, w, 0.3, 0, form)
+        split = sum(snclr_loss(z[r * B:(r + 1) * B], keys, nb, w[r * B:(r + 1) * B], 0.3, r, form)
+                    for r in range(R)) / R
+        assert split.item() == pytest.approx(whole.item(), rel=1e-6)
+    # and the positive really moves with the rank
+    assert info_nce(z[:B], keys, 0.3, 0).item() != pytest.approx(info_nce(z[:B], keys, 0.3, 1).item())
+
+
+def test_loss_inputs_are_normalised():
+    z, keys, nb, w = torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 3, 4), torch.rand(2, 3)
+    a = snclr_loss(z, keys, nb, w, 0.2)
+    b = snclr_loss(3 * z, 0.5 * keys, 7 * nb, w, 0.2)
+    assert a.item() == pytest.approx(b.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: info_nce(torch.randn(2, 4), torch.randn(2, 4), 0.0), "tau"),
+    (lambda: info_nce(torch.randn(2, 4), torch.randn(2, 5), 0.2), "same D"),
+    (lambda: info_nce(torch.randn(2, 4), torch.randn(4, 4), 0.2, rank=2), "rank=2"),
+    (lambda: snclr_loss(torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 3, 4), torch.rand(2, 3), 0.2,
+                        form="log"), "form"),
+    (lambda: snclr_loss(torch.randn(2, 4), torch.randn(2, 4), torch.randn(3, 3, 4), torch.rand(2, 3), 0.2),
+     "neighbors"),
+    (lambda: snclr_loss(torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 3, 4), torch.rand(2, 2), 0.2),
+     "weights"),
+])
+def test_loss_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# --------------------------------------------------------------------------- Eq. 4 ---
+def test_cosine_positiveness_matches_loop():
+    y, nb = torch.randn(3, 6), torch.randn(3, 4, 6)
+    w = Positiveness(6, "cosine")(y, nb)
+    for b in range(3):
+        e = [math.exp(cos(y[b], nb[b, i])) for i in range(4)]
+        for i in range(4):
+            assert w[b, i].item() == pytest.approx(e[i] / sum(e), rel=1e-5)
+
+
+def test_attention_starts_as_cosine_and_is_learnable():
+    y, nb = torch.randn(3, 6), torch.randn(3, 4, 6)
+    att = Positiveness(6, "attention")
+    assert torch.allclose(att(y, nb), Positiveness(6, "cosine")(y, nb), atol=1e-6)
+    with torch.no_grad():
+        att.f1.weight.mul_(5.0)  # a larger scale must sharpen w: loop reference with gamma * 5
+    w = att(y, nb)
+    e = [math.exp(5 * cos(y[0], nb[0, i])) for i in range(4)]
+    assert w[0, 0].item() == pytest.approx(e[0] / sum(e), rel=1e-5)
+    assert len(list(att.parameters())) == 2 and not list(Positiveness(6, "cosine").parameters())
+
+
+@pytest.mark.parametrize("mode, flows", [("cosine", True), ("attention", True), ("hard", False), ("none", False)])
+def test_gradient_reaches_y_only_through_learned_weights(mode, flows):
+    y = torch.randn(4, 8, requires_grad=True)
+    z = torch.randn(4, 8, requires_grad=True)
+    keys, nb = torch.randn(4, 8), torch.randn(4, 3, 8)
+    w = Positiveness(8, mode)(y, nb)
+    snclr_loss(z, keys, nb, w, 0.2).backward()
+    got = y.grad is not None and y.grad.abs().sum().item() > 0
+    assert got == flows
+    assert z.grad.abs().sum() > 0
+
+
+def test_hard_none_and_threshold():
+    y, nb = torch.randn(2, 4), torch.randn(2, 5, 4)
+    assert torch.equal(Positiveness(4, "hard")(y, nb), torch.ones(2, 5))
+    assert torch.equal(Positiveness(4, "none")(y, nb), torch.zeros(2, 5))
+    w = Positiveness(4, "cosine")(y, nb)
+    wt = Positiveness(4, "cosine", threshold=True)(y, nb)
+    assert torch.equal(wt, torch.where(w >= 0.2, w, 0.0)) and (wt == 0).any() and (wt > 0).any()
+    with pytest.raises(ValueError, match="mode 'soft'"):
+        Positiveness(4, "soft")
+    with pytest.raises(ValueError, match="neighbors"):
+        Positiveness(4)(y, torch.randn(3, 5, 4))
+
+
+# --------------------------------------------------------------- memory queue, Eq. 3 ---
+def test_queue_fifo_wraps_around():
+    q = MemoryQueue(5, 3)
+    batches = [unit(3, 3, seed=s) for s in range(4)]  # 3 does not divide 5
+    for keys in batches:
+        q.enqueue(keys)
+    assert len(q) == 5 and int(q.ptr) == 12 % 5
+    # FIFO ring: row r holds the newest key written to position r
+    written = [k for keys in batches for k in keys]
+    for r in range(5):
+        newest = max(i for i in range(len(written)) if i % 5 == r)
+        assert torch.allclose(q.features[r], written[newest])
+    # so the queue holds exactly the 5 newest keys: written[7..11]
+    assert all(any(torch.allclose(row, k) for row in q.features) for k in written[-5:])
+
+
+def test_queue_partial_fill_and_normalisation():
+    q = MemoryQueue(8, 4)
+    q.enqueue(3 * torch.randn(3, 4))
+    assert len(q) == 3 and int(q.ptr) == 3
+    assert torch.allclose(q.features[:3].norm(dim=1), torch.ones(3))
+    assert torch.equal(q.features[3:], torch.zeros(5, 4))
+
+
+def test_queue_searches_filled_slots_only():
+    q = MemoryQueue(10, 4)
+    entries = unit(4, 4, seed=3)
+    q.enqueue(entries)
+    query = -entries.sum(0, keepdim=True)  # negative cosine with every filled entry: an empty
+    idx = q.nearest_indices(query, 4)      # (zero) slot would score 0 and win if searched
+    assert sorted(idx[0].tolist()) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="k=5 neighbours but the queue holds 4"):
+        q.nearest_neighbors(query, 5)
+
+
+def test_queue_topk_matches_brute_force():
+    q = MemoryQueue(50, 6)
+    q.enqueue(unit(37, 6, seed=4))
+    query = torch.randn(5, 6)
+    got = q.nearest_neighbors(query, 7)
+    assert got.shape == (5, 7, 6)
+    for b in range(5):
+        sims = sorted(((cos(query[b], q.features[r]), r) for r in range(37)), reverse=True)[:7]
+        assert torch.allclose(got[b], q.features[[r for _, r in sims]])
+
+
+def test_queue_state_survives_state_dict_round_trip():
+    q = MemoryQueue(6, 3)
+    q.enqueue(unit(4, 3, seed=5))
+    q.enqueue(unit(4, 3, seed=6))
+    q2 = MemoryQueue(6, 3)
+    q2.load_state_dict(q.state_dict())
+    assert len(q2) == len(q) and int(q2.ptr) == int(q.ptr) and torch.equal(q2.features, q.features)
+    more = unit(2, 3, seed=7)
+    q.enqueue(more), q2.enqueue(more)
+    assert torch.equal(q2.features, q.features) and int(q2.ptr) == int(q.ptr)
+
+
+def test_queue_bad_input():
+    q = MemoryQueue(4, 3)
+    with pytest.raises(ValueError, match="cannot enqueue 5 keys into a queue of size 4"):
+        q.enqueue(torch.randn(5, 3))
+    with pytest.raises(ValueError, match=r"shape \(n, 3\)"):
+        q.enqueue(torch.randn(2, 4))
+
+
+# --------------------------------------------------------------------------- model ---
+def test_momentum_update_is_ema():
+    m = SNCLR("resnet18", **TINY, num_neighbors=0, queue_size=8)
+    with torch.no_grad():
+        for p in m.online_parameters():
+            p.add_(torch.randn_like(p))
+    before = [p.clone() for p in m.momentum_parameters()]
+    online = [p.clone() for p in m.online_parameters()]
+    m.momentum_update(0.9)
+    for old, new, o in zip(before, m.momentum_parameters(), online):
+        assert torch.allclose(new, 0.9 * old + 0.1 * o, atol=1e-6)
+    assert not any(p.requires_grad for p in m.momentum_parameters())
+
+
+def test_momentum_schedule_endpoints():
+    assert momentum_schedule(0, 100, 0.99) == pytest.approx(0.99)
+    assert momentum_schedule(50, 100, 0.99) == pytest.approx(0.995)
+    assert momentum_schedule(100, 100, 0.99) == pytest.approx(1.0)
+
+
+def test_model_with_k0_is_symmetric_infonce():
+    torch.manual_seed(0)
+    m = SNCLR("resnet18", **TINY, tau=0.2, num_neighbors=0, queue_size=8)
+    x1, x2 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    k1, k2 = m.momentum_keys(x1), m.momentum_keys(x2)
+    empty = torch.empty(4, 0, 16)
+    loss, stats = m(x1, x2, k1, k2, empty, empty)
+    z1, z2 = m.predictor(m.projector(m.backbone(x1))), m.predictor(m.projector(m.backbone(x2)))
+    expected = 2 * 0.2 * (info_nce(z1, k2, 0.2) + info_nce(z2, k1, 0.2))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
+def test_backbones_build_and_small_stems(arch):
+    net, dim = build_backbone(arch, 16)
+    assert net(torch.randn(2, 3, 16, 16)).shape == (2, dim)
+
+
+def test_model_bad_input():
+    with pytest.raises(ValueError, match="unknown arch 'resnet7'"):
+        SNCLR("resnet7")
+    with pytest.raises(ValueError, match="K=9"):
+        SNCLR("resnet18", **TINY, num_neighbors=9, queue_size=8)
+    with pytest.raises(ValueError, match="tau"):
+        SNCLR("resnet18", **TINY, tau=-1.0)
+    with pytest.raises(ValueError, match="loss form"):
+        SNCLR("resnet18", **TINY, loss_form="mean")
+    with pytest.raises(ValueError, match="patch size 4"):
+        build_backbone("vit_tiny", 30)
+
+
+def test_training_steps_lower_the_loss_on_a_fixed_batch():
+    from train import train_step
+    torch.manual_seed(0)
+    m = SNCLR("resnet18", **TINY, tau=0.2, num_neighbors=2, queue_size=256, positiveness="attention")
+    m.queue.enqueue(torch.randn(16, 16))  # unrelated keys, so neighbours exist from step 1
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    x1, x2 = torch.randn(16, 3, 16, 16), torch.randn(16, 3, 16, 16)
+    losses = [train_step(m, m, x1, x2, opt, scaler, 0.99)[0].item() for _ in range(12)]
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.1, losses
+    assert len(m.queue) == 16 + 12 * 16
+
+
+# ------------------------------------------------------------------------- optimiser ---
+def test_lars_step_matches_formula():
+    w = torch.nn.Parameter(torch.randn(3, 4))
+    b = torch.nn.Parameter(torch.randn(3))
+    w.grad, b.grad = torch.randn(3, 4), torch.randn(3)
+    w0, b0, gw, gb = w.detach().clone(), b.detach().clone(), w.grad.clone(), b.grad.clone()
+    model = torch.nn.Module()
+    model.w, model.b = w, b
+    LARS(param_groups(model, 0.1), lr=0.5, weight_decay=0.1, momentum=0.9, trust_coefficient=0.01).step()
+    u = gw + 0.1 * w0
+    u = u * 0.01 * w0.norm() / u.norm()
+    assert torch.allclose(w.detach(), w0 - 0.5 * u, atol=1e-6)
+    assert torch.allclose(b.detach(), b0 - 0.5 * gb, atol=1e-6)  # bias: no decay, no adaptation
+
+
+# --------------------------------------------------------------------- 2 processes ---
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_rank_worker(rank, port, out_dir):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    env = distributed.init_distributed("cpu")
+    from torch.nn.parallel import DistributedDataParallel
+    from train import train_step
+    # (1) the gathered loss equals the single-process loss on the concatenated batch
+    B, K, D = 3, 2, 8
+    torch.manual_seed(0)
+    z, keys, nb, w = torch.randn(2 * B, D), torch.randn(2 * B, D), torch.randn(2 * B, K, D), torch.rand(2 * B, K)
+    mine = slice(rank * B, (rank + 1) * B)
+    gathered_keys = distributed.all_gather(keys[mine])
+    local = snclr_loss(z[mine], gathered_keys, distributed.all_gather(nb[mine]), w[mine], 0.2, rank)
+    mean = distributed.all_reduce_sum(local) / 2
+    # (2) real DDP steps: the queues (and weights) stay identical on both ranks
+    torch.manual_seed(0)
+    m = SNCLR("resnet18", **TINY, num_neighbors=2, queue_size=32)
+    ddp = DistributedDataParallel(m, broadcast_buffers=False)
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    torch.manual_seed(100 + rank)  # each rank sees different images
+    for _ in range(3):
+        train_step(m, ddp, torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), opt, scaler, 0.99, rank)
+    torch.save({"mean": mean, "single": snclr_loss(z, keys, nb, w, 0.2, 0), "state": m.state_dict()},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    distributed.cleanup()
+
+
+def test_two_process_gloo(tmp_path):
+    mp.spawn(_two_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    for r in (r0, r1):
+        assert r["mean"].item() == pytest.approx(r["single"].item(), rel=1e-6)
+    assert int(r0["state"]["queue.filled"]) == 3 * 8  # 3 steps x global batch 8
+    for key in ("queue.features", "queue.ptr", "queue.filled", "backbone.conv1.weight",
+                "momentum_backbone.layer1.0.conv1.weight", "predictor.0.weight"):
+        assert torch.equal(r0["state"][key], r1["state"][key]), key
+
+
+# ------------------------------------------------------------------------- train.py ---
+SMOKE = ["--dataset", "fake", "--arch", "resnet18", "--image-size", "16", "--fake-size", "64",
+         "--batch-size", "16", "--queue-size", "32", "-K", "2", "--dim", "16", "--mlp-dim", "32",
+         "--workers", "0", "--optimizer", "sgd", "--lr", "0.1", "--warmup-epochs", "0", "--device", "cpu"]
+
+
+def run_cli(script, *args):
+    return subprocess.run([sys.executable, str(HERE / script), *args], capture_output=True, text=True,
+                          cwd=HERE, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    res = run_cli("train.py", *SMOKE, "--epochs", "2", "--output-dir", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def test_cli_smoke_writes_log_and_checkpoint(smoke_run):
+    lines = [json.loads(line) for line in (smoke_run / "log.txt").read_text().splitlines()]
+    assert [e["epoch"] for e in lines] == [0, 1, 2]
+    assert all(0 <= e["knn_top1"] <= 100 for e in lines)
+    assert all(math.isfinite(e["loss"]) and e["images_per_s"] > 0 for e in lines[1:])
+    ckpt = torch.load(smoke_run / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["args"]["arch"] == "resnet18"
+    assert int(ckpt["model"]["queue.filled"]) == 32
+    assert json.loads((smoke_run / "args.json").read_text())["num_neighbors"] == 2
+
+
+def test_resume_equals_straight_run(tmp_path):
+    import train
+    train.main(SMOKE + ["--epochs", "2", "--knn-every", "0", "--output-dir", str(tmp_path / "a")])
+    train.main(SMOKE + ["--epochs", "2", "--knn-every", "0", "--output-dir", str(tmp_path / "b"),
+                        "--stop-after-epoch", "1"])
+    assert torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)["epoch"] == 1
+    train.main(SMOKE + ["--epochs", "2", "--knn-every", "0", "--output-dir", str(tmp_path / "b")])
+    a = torch.load(tmp_path / "a" / "checkpoint.pth", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["-K", "40"], "-K 40 must be in [0, --queue-size 32]"),
+    (["--tau", "0"], "--tau must be > 0"),
+    (["--dataset", "imagenet", "--data-path", "/nonexistent"], "/nonexistent/train"),
+    (["--dataset", "fashion-mnist", "--data-path", "/nonexistent"], "dataset-fashion-mnist"),
+])
+def test_cli_bad_input_fails_with_one_line(tmp_path, extra, message):
+    res = run_cli("train.py", *SMOKE, *extra, "--output-dir", str(tmp_path / "out"))
+    assert res.returncode != 0
+    assert message in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_checkpoint_of_another_arch(smoke_run):
+    before = (smoke_run / "checkpoint.pth").read_bytes()
+    res = run_cli("train.py", *SMOKE, "--arch", "resnet34", "--epochs", "3", "--output-dir", str(smoke_run))
+    assert res.returncode != 0 and "arch='resnet18'" in res.stderr
+    assert (smoke_run / "checkpoint.pth").read_bytes() == before
+
+
+# --------------------------------------------------------------------------- project ---
+def test_no_top_level_module_shadows_the_standard_library():
+    names = {p.stem for p in HERE.glob("*.py")}
+    assert names and not names & set(sys.stdlib_module_names)
