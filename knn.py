@@ -13,8 +13,9 @@ from distributed import all_gather
 
 @torch.no_grad()
 def extract_features(backbone, dataset, batch_size: int, workers: int, device, rank: int = 0,
-                     world_size: int = 1, desc: str = "features"):
-    """L2-normalised backbone features and labels of every item: ((n, D) float, (n,) long).
+                     world_size: int = 1, desc: str = "features", normalize: bool = True):
+    """Backbone features (L2-normalised unless normalize=False) and labels of every item:
+    ((n, D) float, (n,) long).
 
     Each rank encodes the items rank, rank + R, ... (padded with its own first item so all
     ranks run the same number of batches) and the shards are gathered into dataset order.
@@ -31,7 +32,7 @@ def extract_features(backbone, dataset, batch_size: int, workers: int, device, r
     for x, y in tqdm(loader, desc=desc, disable=rank != 0, leave=False):
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             f = backbone(x.to(device, non_blocking=True))
-        feats.append(F.normalize(f.float(), dim=1))                     # (b, D)
+        feats.append(F.normalize(f.float(), dim=1) if normalize else f.float())  # (b, D)
         labels.append(torch.as_tensor(y, device=device))
     backbone.train(was_training)
     feats, labels = all_gather(torch.cat(feats)), all_gather(torch.cat(labels))  # (R*per_rank, .)

@@ -447,6 +447,94 @@ def test_cli_refuses_checkpoint_of_another_arch(smoke_run):
     assert (smoke_run / "checkpoint.pth").read_bytes() == before
 
 
+# -------------------------------------------------------------------- eval_linear.py ---
+def test_eval_linear_and_knn_on_smoke_checkpoint(smoke_run, tmp_path):
+    import eval_linear
+    ckpt = str(smoke_run / "checkpoint.pth")
+    common = ["--batch-size", "32", "--workers", "0", "--device", "cpu"]
+    probe = eval_linear.main([ckpt, "--epochs", "2", "--output-dir", str(tmp_path / "lin"), *common])
+    knn = eval_linear.main([ckpt, "--knn", "--output-dir", str(tmp_path / "knn"), *common])
+    rand = eval_linear.main([ckpt, "--knn", "--random-init", "--output-dir", str(tmp_path / "rnd"), *common])
+    for r in (probe, knn, rand):
+        assert math.isfinite(r["top1"]) and 0 <= r["top1"] <= 100
+    assert 0 <= probe["top1"] <= probe["top5"] <= 100
+    assert (tmp_path / "lin" / "best.pth").exists() and (tmp_path / "lin" / "checkpoint.pth").exists()
+    saved = json.loads((tmp_path / "knn" / "results.txt").read_text().splitlines()[-1])
+    assert saved["top1"] == knn["top1"] and saved["mode"] == "knn"
+
+
+def test_probe_separates_a_separable_set_and_keeps_backbone_frozen(tmp_path):
+    import eval_linear
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 4
+    centers = 3 * torch.randn(4, 3, 2, 2, generator=g)
+    x = centers[y] + 0.3 * torch.randn(200, 3, 2, 2, generator=g)       # 4 well-separated blobs
+    data = torch.utils.data.TensorDataset(x, y)
+    backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 16), torch.nn.BatchNorm1d(16))
+    args = eval_linear.get_args_parser().parse_args(["unused", "--epochs", "20", "--batch-size", "32",
+                                                     "--workers", "0"])
+    env = distributed.Env(0, 1, torch.device("cpu"))
+    top1, top5, best = eval_linear.train_classifier(backbone, 16, 4, data, data, args, env, 0.5, False, str(tmp_path))
+    assert top1 > 95 and best >= top1 and top5 == 100
+
+
+def test_backbone_unchanged_check_fails_when_modified():
+    import eval_linear
+    net, _ = build_backbone("resnet18", 16)
+    reference = {k: v.clone() for k, v in net.state_dict().items()}
+    eval_linear.check_backbone_unchanged(net, reference)
+    net.bn1.running_mean += 1e-3
+    with pytest.raises(RuntimeError, match="bn1.running_mean"):
+        eval_linear.check_backbone_unchanged(net, reference)
+
+
+def fake_checkpoint(path, arch, image_size, stem):
+    m = SNCLR(arch, image_size, dim=16, mlp_dim=32, num_neighbors=0, queue_size=8, stem=stem)
+    args = dict(arch=arch, image_size=image_size, stem=stem, dataset="fake", data_path="data")
+    torch.save({"model": m.state_dict(), "optimizer": {}, "epoch": 1, "args": args}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("arch, size, stem, make", [
+    ("resnet18", 32, "imagenet", lambda: __import__("torchvision").models.resnet18()),
+    ("vit_tiny", 32, "imagenet", lambda: __import__("torchvision").models.VisionTransformer(32, 16, 12, 3, 192, 768)),
+])
+def test_export_loads_into_torchvision(tmp_path, arch, size, stem, make):
+    import eval_linear
+    ckpt = fake_checkpoint(tmp_path / "c.pth", arch, size, stem)
+    eval_linear.main([ckpt, "--export", str(tmp_path / "e.pth")])
+    state = torch.load(tmp_path / "e.pth", weights_only=True)
+    res = make().load_state_dict(state, strict=False)
+    assert not res.unexpected_keys
+    assert sorted(res.missing_keys) == (["fc.bias", "fc.weight"] if arch.startswith("resnet")
+                                        else ["heads.head.bias", "heads.head.weight"])
+
+
+def test_export_of_small_stem_loads_after_the_same_stem_change(smoke_run, tmp_path):
+    import torchvision
+    import eval_linear
+    eval_linear.main([str(smoke_run / "checkpoint.pth"), "--export", str(tmp_path / "e.pth")])
+    net = torchvision.models.resnet18()
+    net.conv1, net.maxpool = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False), torch.nn.Identity()
+    res = net.load_state_dict(torch.load(tmp_path / "e.pth", weights_only=True), strict=False)
+    assert sorted(res.missing_keys) == ["fc.bias", "fc.weight"] and not res.unexpected_keys
+
+
+def test_eval_bad_input(smoke_run, tmp_path):
+    (tmp_path / "corrupt.pth").write_bytes(b"not a checkpoint")
+    torch.save({"state_dict": {}}, tmp_path / "other.pth")
+    ckpt = str(smoke_run / "checkpoint.pth")
+    cases = [([str(tmp_path / "corrupt.pth")], "cannot read checkpoint"),
+             ([str(tmp_path / "other.pth")], "is not a checkpoint of this project"),
+             ([ckpt, "--arch", "vit_small"], "arch='resnet18' but arch='vit_small'"),
+             ([ckpt, "--train-percent", "5"], "must be 1 or 10"),
+             ([ckpt, "--train-percent", "1", "--subset-list", str(tmp_path / "none.txt")], "none.txt: no such file")]
+    for argv, message in cases:
+        res = run_cli("eval_linear.py", *argv, "--workers", "0", "--output-dir", str(tmp_path / "o"))
+        assert res.returncode != 0 and message in res.stderr, (argv, res.stderr[-2000:])
+        assert res.stderr.strip().count("\n") == 0, res.stderr
+
+
 # --------------------------------------------------------------------------- project ---
 def test_no_top_level_module_shadows_the_standard_library():
     names = {p.stem for p in HERE.glob("*.py")}

@@ -25,7 +25,7 @@ from data import (DATASETS, FASHION_MNIST_DEB, IMAGE_SIZE, NUM_CLASSES, DataErro
 from knn import knn_accuracy
 from lars import LARS, param_groups
 from loss import FORMS
-from model import ARCHS, SNCLR, VITS, momentum_schedule
+from model import ARCHS, SNCLR, STEMS, VITS, momentum_schedule
 from positiveness import MODES
 
 
@@ -46,6 +46,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     # model
     a("--arch", default="resnet50", choices=ARCHS, help="encoder f; the paper uses resnet50, vit_small, vit_base")
+    a("--stem", default="auto", choices=STEMS, help="auto: small-image stem (3x3 conv, no max-pool / "
+      "4x4 patches) at <= 64 px, else torchvision's; imagenet keeps torchvision's stem at any size")
     a("--dim", type=int, default=256, help="output dim of projector and predictor (MoCo v3)")
     a("--mlp-dim", type=int, default=4096, help="hidden dim of projector and predictor MLPs (MoCo v3)")
     a("--stop-grad-patch", action=argparse.BooleanOptionalAction, default=True,
@@ -218,29 +220,32 @@ def train_one_epoch(model, ddp_model, loader, optimizer, scaler, epoch, args, en
     return log, stop > 0
 
 
-def save_checkpoint(path: str, model, optimizer, scaler, epoch: int, args) -> None:
+STRUCTURE = ("arch", "stem", "image_size", "dim", "mlp_dim", "queue_size", "positiveness")
+
+
+def save_checkpoint(path: str, state: dict) -> None:
     """Plain tensors and dicts (loadable with weights_only=True), written atomically."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scaler": scaler.state_dict(), "epoch": epoch, "args": vars(args)}
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint.pth
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a crash mid-write never leaves a truncated file behind
 
 
-def load_checkpoint(path: str, args) -> dict:
-    """Read and validate a train.py checkpoint; raise ConfigError with one clear line if unusable."""
+def load_checkpoint(path: str, expect: dict = None, required=("model", "optimizer", "epoch", "args")) -> dict:
+    """Read a checkpoint with weights_only=True; ConfigError with one clear line if it is unusable.
+
+    expect maps args entries to the values this run needs (e.g. {"arch": "resnet50"}).
+    """
     if not os.path.isfile(path):
-        raise ConfigError(f"--resume {path}: no such file")
+        raise ConfigError(f"checkpoint {path}: no such file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or unsafe pickle
+    except Exception as e:  # truncated, not a torch file, or an unsafe pickle
         raise ConfigError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}")
-    if not isinstance(ckpt, dict) or not {"model", "optimizer", "epoch", "args"} <= set(ckpt):
-        raise ConfigError(f"{path} is not a train.py checkpoint (expected keys model, optimizer, epoch, args)")
-    for key in ("arch", "image_size", "dim", "mlp_dim", "queue_size", "positiveness"):
-        if ckpt["args"].get(key) != getattr(args, key):
-            raise ConfigError(f"checkpoint {path} has {key}={ckpt['args'].get(key)!r} but this run "
-                              f"asks for {key}={getattr(args, key)!r}; use another --output-dir")
+    if not isinstance(ckpt, dict) or not set(required) <= set(ckpt):
+        raise ConfigError(f"{path} is not a checkpoint of this project (expected keys {', '.join(required)})")
+    for key, want in (expect or {}).items():
+        if ckpt["args"].get(key) != want:
+            raise ConfigError(f"checkpoint {path} has {key}={ckpt['args'].get(key)!r} but "
+                              f"{key}={want!r} was asked for")
     return ckpt
 
 
@@ -270,13 +275,14 @@ def build_data(args, env):
 def run(args, env) -> None:
     check_args(args, env.world_size)
     ckpt_path = args.resume or os.path.join(args.output_dir, "checkpoint.pth")
-    ckpt = load_checkpoint(ckpt_path, args) if args.resume or os.path.isfile(ckpt_path) else None
+    structure = {key: getattr(args, key) for key in STRUCTURE}
+    ckpt = load_checkpoint(ckpt_path, structure) if args.resume or os.path.isfile(ckpt_path) else None
     loader, sampler, knn_train, knn_test = build_data(args, env)
     num_classes = NUM_CLASSES.get(args.dataset) or len(knn_train.classes)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = SNCLR(args.arch, args.image_size, args.dim, args.mlp_dim, args.tau, args.num_neighbors,
                   args.queue_size, args.positiveness, args.loss_form, args.threshold,
-                  args.stop_grad_patch).to(env.device)
+                  args.stop_grad_patch, args.stem).to(env.device)
     if env.world_size > 1 and env.device.type == "cuda":  # SyncBatchNorm is CUDA-only in PyTorch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(model, args)
@@ -296,6 +302,10 @@ def run(args, env) -> None:
                                             broadcast_buffers=False)  # the queue is identical by construction
     log_path = os.path.join(args.output_dir, "log.txt")
     save_path = os.path.join(args.output_dir, "checkpoint.pth")
+
+    def save(epoch):  # epoch = the next epoch to run
+        save_checkpoint(save_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "scaler": scaler.state_dict(), "epoch": epoch, "args": vars(args)})
     if env.main:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
@@ -325,7 +335,7 @@ def run(args, env) -> None:
         log, stopped = train_one_epoch(model, ddp_model, loader, optimizer, scaler, epoch, args, env, stop_event)
         if stopped:  # keep the weights; the interrupted epoch reruns from its start on resume
             if env.main:
-                save_checkpoint(save_path, model, optimizer, scaler, epoch, args)
+                save(epoch)
                 print(f"SIGTERM: saved {save_path}; rerun the same command to resume at epoch {epoch + 1}")
             return
         last = epoch + 1 == args.epochs
@@ -333,7 +343,7 @@ def run(args, env) -> None:
             log["knn_top1"] = knn(f"epoch {epoch + 1}")
         write_log(log)
         if env.main:
-            save_checkpoint(save_path, model, optimizer, scaler, epoch + 1, args)
+            save(epoch + 1)
             print(json.dumps(log))
     distributed.barrier()
 

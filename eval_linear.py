@@ -1,0 +1,307 @@
+"""Evaluate a train.py checkpoint: linear probe, kNN, semi-supervised fine-tuning, export.
+
+    python eval_linear.py OUT/checkpoint.pth                     # linear probe (MoCo v3 protocol)
+    python eval_linear.py OUT/checkpoint.pth --knn               # weighted kNN, no training
+    python eval_linear.py OUT/checkpoint.pth --train-percent 1   # fine-tune all on 1 % of labels
+    python eval_linear.py OUT/checkpoint.pth --export r50.pth    # torchvision state dict
+    add --random-init to any of these to measure the same architecture untrained.
+
+Dataset, path and image size default to the checkpoint's. Runs under torchrun like train.py.
+Per-epoch JSON lines go to OUTPUT/log.txt, final results are appended to OUTPUT/results.txt,
+OUTPUT/checkpoint.pth resumes an interrupted run and OUTPUT/best.pth keeps the best classifier.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import distributed
+from data import NUM_CLASSES, DataError, build_dataset, eval_transform
+from knn import extract_features, knn_accuracy
+from model import build_backbone
+from train import ConfigError, load_checkpoint, save_checkpoint
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("SNCLR evaluation", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description=__doc__.split("\n\n")[0])
+    a = p.add_argument
+    a("checkpoint", help="a train.py checkpoint.pth")
+    a("--arch", default=None, help="if given, the checkpoint must be of this arch")
+    a("--dataset", default=None, help="default: the checkpoint's pretraining dataset")
+    a("--data-path", default=None, help="default: the checkpoint's")
+    a("--knn", action="store_true", help="weighted kNN on frozen features instead of a linear probe")
+    a("--knn-k", type=int, default=200, help="kNN neighbours (InstDisc)")
+    a("--knn-t", type=float, default=0.07, help="kNN vote temperature (InstDisc)")
+    a("--train-percent", type=float, default=None, help="1 or 10: fine-tune the whole network on a "
+      "class-balanced subset of the labels (semi-supervised protocol of SimCLR / BYOL)")
+    a("--subset-list", default=None, help="file of training image names (one per line) for "
+      "--train-percent; required for ImageNet (the standard 1%% / 10%% split files)")
+    a("--export", default=None, help="write the backbone as a plain torchvision state dict and exit")
+    a("--random-init", action="store_true", help="evaluate the untrained backbone of the same arch")
+    a("--epochs", type=int, default=90, help="training epochs (MoCo v3 linear protocol: 90)")
+    a("--batch-size", type=int, default=1024, help="global batch (MoCo v3: 1024)")
+    a("--lr", type=float, default=None, help="base lr, scaled by batch/256; default 0.1 for ResNets, "
+      "3.0 for ViTs (MoCo v3); for fine-tuning this is the head's lr")
+    a("--backbone-lr-scale", type=float, default=0.1, help="fine-tuning: backbone lr = head lr x this")
+    a("--weight-decay", type=float, default=0.0, help="MoCo v3 linear protocol: 0")
+    a("--cache-features", action="store_true", help="linear probe on features computed once without "
+      "augmentation (minutes on a CPU instead of hours; not the MoCo v3 protocol)")
+    a("--workers", type=int, default=8, help="data-loading processes per rank")
+    a("--output-dir", default=None, help="default: CHECKPOINT's folder / eval_<mode>")
+    a("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    a("--seed", type=int, default=0, help="seed for the head and the label subset")
+    return p
+
+
+def load_backbone(path: str, arch=None, random_init: bool = False, seed: int = 0):
+    """The online encoder f of a train.py checkpoint: (backbone, feature dim, pretraining args)."""
+    ckpt = load_checkpoint(path, expect={"arch": arch} if arch else {})
+    pre = ckpt["args"]
+    torch.manual_seed(seed)
+    backbone, dim = build_backbone(pre["arch"], pre["image_size"], pre.get("stem", "auto"))
+    if not random_init:
+        state = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
+        try:
+            backbone.load_state_dict(state)  # strict: every tensor must fit
+        except RuntimeError as e:
+            raise ConfigError(f"{path}: backbone weights do not fit {pre['arch']}: {str(e).splitlines()[0]}")
+    return backbone, dim, pre
+
+
+def export_backbone(backbone: nn.Module, path: str) -> None:
+    """A plain state dict with torchvision's key names; only the classifier (fc / heads) is absent."""
+    torch.save({k: v.clone() for k, v in backbone.state_dict().items()}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def check_backbone_unchanged(backbone: nn.Module, reference: dict) -> None:
+    """MoCo v3's sanity check: a linear probe must leave every backbone tensor (BN stats too) intact."""
+    changed = [k for k, v in backbone.state_dict().items() if not torch.equal(v.cpu(), reference[k])]
+    if changed:
+        raise RuntimeError(f"the frozen backbone changed during linear probing: {changed[:5]}")
+
+
+def balanced_subset(labels: list, percent: float, seed: int) -> list:
+    """percent % of each class (at least one image), drawn with a fixed seed; sorted indices."""
+    g = torch.Generator().manual_seed(seed)
+    by_class = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(int(y), []).append(i)
+    chosen = []
+    for idx in by_class.values():
+        take = max(1, round(len(idx) * percent / 100))
+        chosen += [idx[j] for j in torch.randperm(len(idx), generator=g)[:take].tolist()]
+    return sorted(chosen)
+
+
+def subset_from_list(dataset, list_file: str) -> list:
+    """Indices of the ImageFolder samples whose file names appear in list_file (SimCLR's split files)."""
+    if not os.path.isfile(list_file):
+        raise ConfigError(f"--subset-list {list_file}: no such file")
+    with open(list_file) as f:
+        names = {os.path.basename(line.strip()) for line in f if line.strip()}
+    chosen = [i for i, (p, _) in enumerate(dataset.samples) if os.path.basename(p) in names]
+    if not chosen:
+        raise ConfigError(f"no training image of {dataset.root} is named in {list_file}")
+    return chosen
+
+
+def labels_of(dataset) -> list:
+    return list(dataset.targets) if hasattr(dataset, "targets") else [y for _, y in dataset]
+
+
+def accuracy(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list:
+    """Number of rows whose target is among the top-k logits, for each k (k capped at C)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices            # (n, kmax)
+    hit = top == target[:, None]                                               # (n, kmax)
+    return [hit[:, :k].any(dim=1).sum().item() for k in ks]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, env) -> tuple[float, float]:
+    """Top-1 / top-5 (%) over a loader whose sampler shards the data across ranks."""
+    model.eval()
+    counts = torch.zeros(3, device=env.device)  # top-1 hits, top-5 hits, images
+    for x, y in tqdm(loader, desc="eval", disable=not env.main, leave=False):
+        x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+        with torch.autocast(env.device.type, torch.bfloat16, enabled=env.device.type == "cuda"):
+            logits = model(x).float()
+        counts += torch.tensor([*accuracy(logits, y), len(y)], device=env.device)
+    counts = distributed.all_reduce_sum(counts)
+    return (100 * counts[0] / counts[2]).item(), (100 * counts[1] / counts[2]).item()
+
+
+def linear_head(dim: int, num_classes: int) -> nn.Linear:
+    """MoCo v3's BN-free linear classifier: weights N(0, 0.01), zero bias."""
+    head = nn.Linear(dim, num_classes)
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def cosine_lr(step: int, total: int, base: float) -> float:
+    """Cosine decay from base to 0 over `total` steps, no warm-up (MoCo v3 linear protocol)."""
+    return base * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
+
+
+def probe_cached(backbone, dim, num_classes, train_set, test_set, args, env, base_lr):
+    """Linear probe on features computed once without augmentation: (top-1, top-5, log lines)."""
+    feat_args = (args.batch_size // env.world_size, args.workers, env.device, env.rank, env.world_size)
+    train_f, train_y = extract_features(backbone, train_set, *feat_args, desc="train features", normalize=False)
+    test_f, test_y = extract_features(backbone, test_set, *feat_args, desc="test features", normalize=False)
+    torch.manual_seed(args.seed)  # every rank holds all features and trains the same head
+    head = linear_head(dim, num_classes).to(env.device)
+    opt = torch.optim.SGD(head.parameters(), lr=base_lr, momentum=0.9, weight_decay=args.weight_decay)
+    steps, logs = math.ceil(len(train_y) / args.batch_size), []
+    for epoch in tqdm(range(args.epochs), desc="linear probe", disable=not env.main):
+        for it, idx in enumerate(torch.randperm(len(train_y), device=env.device).split(args.batch_size)):
+            opt.param_groups[0]["lr"] = cosine_lr(epoch * steps + it, args.epochs * steps, base_lr)
+            loss = nn.functional.cross_entropy(head(train_f[idx]), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            logits = head(test_f)
+        top1, top5 = (100 * h / len(test_y) for h in accuracy(logits, test_y))
+        logs.append({"epoch": epoch + 1, "loss": loss.item(), "top1": top1, "top5": top5})
+    return top1, top5, logs
+
+
+def train_classifier(backbone, dim, num_classes, train_set, test_set, args, env, base_lr, finetune, out_dir):
+    """Linear probe (frozen backbone) or fine-tuning (all weights) with resume and best-keeping.
+
+    Returns (final top-1, final top-5, best top-1). Per-epoch lines go to out_dir/log.txt.
+    """
+    torch.manual_seed(args.seed)
+    model = nn.Sequential(backbone, linear_head(dim, num_classes)).to(env.device)
+    reference = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
+    backbone.requires_grad_(finetune)
+    groups = [{"params": model[1].parameters(), "lr_scale": 1.0}]
+    if finetune:
+        groups.append({"params": backbone.parameters(), "lr_scale": args.backbone_lr_scale})
+    opt = torch.optim.SGD(groups, lr=base_lr, momentum=0.9, weight_decay=args.weight_decay)
+    start, best = 0, 0.0
+    ckpt_path = os.path.join(out_dir, "checkpoint.pth")
+    if os.path.isfile(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path, required=("model", "optimizer", "epoch", "best_top1"))
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start, best = ckpt["epoch"], ckpt["best_top1"]
+    ddp = DistributedDataParallel(model) if env.world_size > 1 else model
+    sampler = torch.utils.data.DistributedSampler(train_set, env.world_size, env.rank, seed=args.seed)
+    loader = torch.utils.data.DataLoader(train_set, args.batch_size // env.world_size, sampler=sampler,
+                                         num_workers=args.workers, pin_memory=env.device.type == "cuda")
+    mine = torch.utils.data.Subset(test_set, range(env.rank, len(test_set), env.world_size))
+    test_loader = torch.utils.data.DataLoader(mine, args.batch_size // env.world_size, num_workers=args.workers)
+    steps, top1, top5 = len(loader), 0.0, 0.0
+    for epoch in range(start, args.epochs):
+        sampler.set_epoch(epoch)
+        torch.manual_seed(args.seed + 1000 * epoch + env.rank)
+        model.train()
+        backbone.train(finetune)  # a probe keeps BN statistics frozen too
+        for it, (x, y) in enumerate(tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not env.main)):
+            lr = cosine_lr(epoch * steps + it, args.epochs * steps, base_lr)
+            for g in opt.param_groups:
+                g["lr"] = lr * g["lr_scale"]
+            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            with torch.autocast(env.device.type, torch.bfloat16, enabled=env.device.type == "cuda"):
+                loss = nn.functional.cross_entropy(ddp(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        top1, top5 = evaluate(model, test_loader, env)
+        is_best, best = top1 > best, max(best, top1)
+        if env.main:
+            if is_best:
+                save_checkpoint(os.path.join(out_dir, "best.pth"), {"model": model.state_dict(), "top1": top1})
+            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                        "epoch": epoch + 1, "best_top1": best})
+            with open(os.path.join(out_dir, "log.txt"), "a") as f:
+                f.write(json.dumps({"epoch": epoch + 1, "loss": loss.item(), "lr": lr, "top1": top1,
+                                    "top5": top5}) + "\n")
+    if start >= args.epochs:  # resumed a finished run: report its final classifier
+        top1, top5 = evaluate(model, test_loader, env)
+    if not finetune:
+        check_backbone_unchanged(backbone, reference)
+    return top1, top5, best
+
+
+def run(args, env) -> dict:
+    if args.train_percent is not None and args.train_percent not in (1, 10):
+        raise ConfigError(f"--train-percent must be 1 or 10 (the standard semi-supervised splits), "
+                          f"got {args.train_percent:g}")
+    backbone, dim, pre = load_backbone(args.checkpoint, args.arch, args.random_init, args.seed)
+    if args.export:
+        export_backbone(backbone, args.export)
+        return {"export": args.export, "arch": pre["arch"], "stem": pre.get("stem", "auto"),
+                "image_size": pre["image_size"]}
+    backbone = backbone.to(env.device)
+    dataset = args.dataset or pre["dataset"]
+    data_path = args.data_path or pre["data_path"]
+    size = pre["image_size"]
+    mode = "knn" if args.knn else f"finetune{args.train_percent:g}" if args.train_percent else "linear"
+    out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                              f"eval_{mode}" + ("_random" if args.random_init else ""))
+    finetune = args.train_percent is not None
+    train_t = eval_transform(dataset, size, train=not (args.knn or args.cache_features))
+    train_set = build_dataset(dataset, data_path, True, train_t, download=False, image_size=size)
+    test_set = build_dataset(dataset, data_path, False, eval_transform(dataset, size), download=False,
+                             image_size=size)
+    num_classes = NUM_CLASSES.get(dataset) or len(train_set.classes)
+    if finetune:
+        chosen = subset_from_list(train_set, args.subset_list) if args.subset_list else None
+        if chosen is None and dataset == "imagenet":
+            raise ConfigError("--train-percent on imagenet needs --subset-list: the standard 1% / 10% "
+                              "split files (SimCLR's 1percent.txt / 10percent.txt)")
+        chosen = chosen or balanced_subset(labels_of(train_set), args.train_percent, args.seed)
+        train_set = torch.utils.data.Subset(train_set, chosen)
+    if env.main:
+        os.makedirs(out_dir, exist_ok=True)
+    result = {"mode": mode, "checkpoint": os.path.abspath(args.checkpoint), "random_init": args.random_init,
+              "arch": pre["arch"], "dataset": dataset, "train_images": len(train_set)}
+    base_lr = (args.lr if args.lr is not None else 3.0 if pre["arch"].startswith("vit") else 0.1) \
+        * args.batch_size / 256
+    if args.knn:
+        result["top1"] = knn_accuracy(backbone, train_set, test_set, num_classes, args.batch_size // env.world_size,
+                                      args.workers, env.device, env.rank, env.world_size, args.knn_k, args.knn_t)
+    elif args.cache_features:
+        result["top1"], result["top5"], logs = probe_cached(backbone, dim, num_classes, train_set, test_set,
+                                                            args, env, base_lr)
+        result.update(epochs=args.epochs, protocol="cached features, no augmentation")
+        if env.main:
+            with open(os.path.join(out_dir, "log.txt"), "a") as f:
+                f.writelines(json.dumps(line) + "\n" for line in logs)
+    else:
+        top1, top5, best = train_classifier(backbone, dim, num_classes, train_set, test_set, args, env,
+                                            base_lr, finetune, out_dir)
+        result.update(top1=top1, top5=top5, best_top1=best, epochs=args.epochs)
+    if env.main:
+        with open(os.path.join(out_dir, "results.txt"), "a") as f:
+            f.write(json.dumps(result) + "\n")
+    return result
+
+
+def main(argv=None) -> dict:
+    args = get_args_parser().parse_args(argv)
+    env = distributed.init_distributed(args.device)
+    try:
+        result = run(args, env)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        distributed.cleanup()
+    if env.main:
+        print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
