@@ -1,0 +1,131 @@
+"""The paper's ablations at equal budget: K = 0 (InfoNCE / MoCo v3), positiveness cosine /
+attention / hard / none, loss form code / paper, and K in {1, 5, 30}, several seeds each.
+
+Every run is a plain `train.py` command (printed before it starts) followed by an
+`eval_linear.py --cache-features` linear probe of its checkpoint; the kNN top-1 is train.py's
+final monitor. One JSON per run goes to RESULTS/ablation_<name>_s<seed>.json (finished runs
+are skipped, so the sweep resumes), and RESULTS/ablations.json plus a Markdown table summarise
+mean and spread over seeds. Budget, device and dataset are options, so the same sweep runs on
+CIFAR or on a GPU:
+
+    python ablations.py --epochs 2 --seeds 0 1                        # the CPU sweep in README.md
+    python ablations.py --dataset cifar10 --epochs 200 --device cuda \\
+        --train-args "--arch resnet18 --batch-size 512 --queue-size 4096 --workers 8"
+"""
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+# name -> train.py options on top of the base recipe; "cosine" is the default SNCLR (K = 5).
+VARIANTS = {
+    "infonce": ["-K", "0"],
+    "cosine": [],
+    "attention": ["--positiveness", "attention"],
+    "hard": ["--positiveness", "hard"],
+    "none": ["--positiveness", "none"],
+    "paper-form": ["--loss-form", "paper"],
+    "K1": ["-K", "1"],
+    "K30": ["-K", "30"],
+}
+# The CPU recipe of README.md: ResNet-18 with torchvision's stem on 28 px Fashion-MNIST.
+BASE = ("--arch resnet18 --stem imagenet --batch-size 256 --queue-size 4096 -K 5 --dim 128 "
+        "--mlp-dim 1024 --optimizer lars --lr 0.3 --weight-decay 1e-5 --tau 0.2 --warmup-epochs 0.5 "
+        "--workers 1 --knn-every 0")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("SNCLR ablations", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--data-path", default=None, help="passed to train.py (default: its own)")
+    p.add_argument("--epochs", type=int, default=2, help="the equal budget of every run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--only", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="variants to run")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    p.add_argument("--train-args", default=BASE, help="base train.py options shared by every run")
+    p.add_argument("--probe-epochs", type=int, default=100, help="linear probe epochs (cached features)")
+    p.add_argument("--runs", default="runs/ablations", help="train.py output dirs")
+    p.add_argument("--results", default="results", help="where the JSON results go")
+    return p
+
+
+def run(cmd: list) -> None:
+    print("+", shlex.join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def one_run(name: str, seed: int, args) -> dict:
+    """Pretrain one variant with one seed, probe it, and return its figures."""
+    out = os.path.join(args.runs, f"{name}_s{seed}")
+    train = [sys.executable, "train.py", *shlex.split(args.train_args), *VARIANTS[name],
+             "--dataset", args.dataset, "--epochs", str(args.epochs), "--seed", str(seed),
+             "--device", args.device, "--output-dir", out]
+    if args.data_path:
+        train += ["--data-path", args.data_path]
+    start = time.time()
+    run(train)
+    probe = [sys.executable, "eval_linear.py", os.path.join(out, "checkpoint.pth"), "--cache-features",
+             "--epochs", str(args.probe_epochs), "--batch-size", "256", "--lr", "0.5", "--workers", "1",
+             "--device", args.device, "--seed", str(seed)]
+    run(probe)
+    log = [json.loads(line) for line in open(os.path.join(out, "log.txt"))]
+    with open(os.path.join(out, "eval_linear", "results.txt")) as f:
+        linear = json.loads(f.read().splitlines()[-1])
+    return {"variant": name, "seed": seed, "epochs": args.epochs, "dataset": args.dataset,
+            "knn_random_init": log[0]["knn_top1"], "knn_top1": log[-1]["knn_top1"],
+            "linear_top1": linear["top1"], "final_loss": log[-1]["loss"], "w_mean": log[-1]["w_mean"],
+            "images_per_s": statistics.mean(e["images_per_s"] for e in log[1:]),
+            "minutes": (time.time() - start) / 60, "command": shlex.join(train)}
+
+
+def summarise(rows: list) -> dict:
+    """Per variant: mean, sample standard deviation, min and max over seeds."""
+    table = {}
+    for name in VARIANTS:
+        mine = [r for r in rows if r["variant"] == name]
+        if not mine:
+            continue
+        entry = {"seeds": [r["seed"] for r in mine]}
+        for key in ("knn_top1", "linear_top1", "knn_random_init", "w_mean", "minutes"):
+            vals = [r[key] for r in mine]
+            entry[key] = {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                          "min": min(vals), "max": max(vals)}
+        table[name] = entry
+    return table
+
+
+def markdown(table: dict) -> str:
+    lines = ["| variant | kNN top-1 | linear top-1 | mean w | seeds |", "|---|---|---|---|---|"]
+    for name, e in table.items():
+        fmt = lambda k: f"{e[k]['mean']:.2f} ± {e[k]['std']:.2f}"  # noqa: E731
+        lines.append(f"| {name} | {fmt('knn_top1')} | {fmt('linear_top1')} | {e['w_mean']['mean']:.3f} "
+                     f"| {len(e['seeds'])} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    os.makedirs(args.results, exist_ok=True)
+    rows = []
+    for seed in args.seeds:
+        for name in args.only:
+            path = os.path.join(args.results, f"ablation_{name}_s{seed}.json")
+            if not os.path.exists(path):
+                with open(path + ".tmp", "w") as f:
+                    json.dump(one_run(name, seed, args), f, indent=2)
+                os.replace(path + ".tmp", path)
+            with open(path) as f:
+                rows.append(json.load(f))
+    table = summarise(rows)
+    with open(os.path.join(args.results, "ablations.json"), "w") as f:
+        json.dump({"rows": rows, "summary": table}, f, indent=2)
+    print(markdown(table))
+
+
+if __name__ == "__main__":
+    main()
