@@ -19,6 +19,7 @@ import time
 
 import torch
 
+import distributed
 from loss import info_nce, snclr_loss
 from memory_queue import MemoryQueue
 from model import ARCHS, SNCLR
@@ -120,8 +121,7 @@ def search_scaling(args, device):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = distributed.init_distributed(args.device).device  # one process: no process group
     torch.manual_seed(0)
     model = SNCLR(args.arch, args.image_size, args.dim, args.mlp_dim, 0.2, args.num_neighbors,
                   args.queue_size).to(device)

@@ -19,7 +19,7 @@ NUM_CLASSES = {"imagenet": 1000, "cifar10": 10, "cifar100": 100, "fashion-mnist"
 IMAGE_SIZE = {"imagenet": 224, "folder": 224, "cifar10": 32, "cifar100": 32, "fashion-mnist": 28,
               "fake": 32}
 # Per-channel statistics of each training set (ImageNet's for folders and fake data).
-_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
             "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
             "fashion-mnist": ((0.2860,) * 3, (0.3530,) * 3)}
@@ -40,7 +40,7 @@ def two_view_transforms(dataset: str, image_size: int, crop_min: float = 0.08):
     Grayscale datasets are made 3-channel first, so every backbone sees RGB.
     """
     small = image_size <= 64
-    mean, std = MEAN_STD.get(dataset, _IMAGENET)
+    mean, std = MEAN_STD.get(dataset, IMAGENET_MEAN_STD)
 
     def view(blur_p: float, solarize_p: float):
         ops = [transforms.Grayscale(3)] if dataset == "fashion-mnist" else []
@@ -70,7 +70,7 @@ class TwoViews:
 
 def eval_transform(dataset: str, image_size: int, train: bool = False):
     """Linear-probe / kNN transforms: random crop + flip to train, center crop (or none) to test."""
-    mean, std = MEAN_STD.get(dataset, _IMAGENET)
+    mean, std = MEAN_STD.get(dataset, IMAGENET_MEAN_STD)
     ops = [transforms.Grayscale(3)] if dataset == "fashion-mnist" else []
     if image_size <= 64:
         ops += [transforms.RandomCrop(image_size, padding=4), transforms.RandomHorizontalFlip()] \

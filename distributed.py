@@ -69,6 +69,23 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@torch.no_grad()
+def average_batchnorm_stats(model: torch.nn.Module) -> None:
+    """Average BatchNorm running statistics over ranks (in place).
+
+    Without SyncBatchNorm (CUDA-only in PyTorch) each CPU rank tracks statistics of its own
+    sub-batches; training uses batch statistics and does not care, but evaluation and the
+    checkpoint need one set. With SyncBatchNorm the ranks agree already and this changes nothing.
+    """
+    if world_size() == 1:
+        return
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            for buf in (m.running_mean, m.running_var):
+                dist.all_reduce(buf)
+                buf.div_(world_size())
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

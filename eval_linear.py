@@ -25,7 +25,7 @@ import distributed
 from data import NUM_CLASSES, DataError, build_dataset, eval_transform
 from knn import extract_features, knn_accuracy
 from model import build_backbone
-from train import ConfigError, load_checkpoint, save_checkpoint
+from train import ConfigError, append_json, load_checkpoint, load_state, save_checkpoint
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -61,24 +61,23 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def load_backbone(path: str, arch=None, random_init: bool = False, seed: int = 0):
-    """The online encoder f of a train.py checkpoint: (backbone, feature dim, pretraining args)."""
+    """The online encoder f of a train.py checkpoint.
+
+    Returns (backbone, feature dim, pretraining args, the checkpoint's epoch).
+    """
     ckpt = load_checkpoint(path, expect={"arch": arch} if arch else {})
     pre = ckpt["args"]
     torch.manual_seed(seed)
     backbone, dim = build_backbone(pre["arch"], pre["image_size"], pre.get("stem", "auto"))
     if not random_init:
         state = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
-        try:
-            backbone.load_state_dict(state)  # strict: every tensor must fit
-        except RuntimeError as e:
-            raise ConfigError(f"{path}: backbone weights do not fit {pre['arch']}: {str(e).splitlines()[0]}")
-    return backbone, dim, pre
+        load_state(backbone, state, f"the backbone weights of {path}")  # strict: every tensor must fit
+    return backbone, dim, pre, ckpt["epoch"]
 
 
 def export_backbone(backbone: nn.Module, path: str) -> None:
     """A plain state dict with torchvision's key names; only the classifier (fc / heads) is absent."""
-    torch.save({k: v.clone() for k, v in backbone.state_dict().items()}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    save_checkpoint(path, {k: v.clone() for k, v in backbone.state_dict().items()})
 
 
 def check_backbone_unchanged(backbone: nn.Module, reference: dict) -> None:
@@ -174,10 +173,13 @@ def probe_cached(backbone, dim, num_classes, train_set, test_set, args, env, bas
     return top1, top5, logs
 
 
-def train_classifier(backbone, dim, num_classes, train_set, test_set, args, env, base_lr, finetune, out_dir):
+def train_classifier(backbone, dim, num_classes, train_set, test_set, args, env, base_lr, finetune, out_dir,
+                     source=None):
     """Linear probe (frozen backbone) or fine-tuning (all weights) with resume and best-keeping.
 
     Returns (final top-1, final top-5, best top-1). Per-epoch lines go to out_dir/log.txt.
+    source describes the evaluated weights (checkpoint, its epoch, random init); a run in out_dir
+    is resumed only if it evaluated the same ones.
     """
     torch.manual_seed(args.seed)
     model = nn.Sequential(backbone, linear_head(dim, num_classes)).to(env.device)
@@ -190,9 +192,12 @@ def train_classifier(backbone, dim, num_classes, train_set, test_set, args, env,
     start, best = 0, 0.0
     ckpt_path = os.path.join(out_dir, "checkpoint.pth")
     if os.path.isfile(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path, required=("model", "optimizer", "epoch", "best_top1"))
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        ckpt = load_checkpoint(ckpt_path, required=("model", "optimizer", "epoch", "best_top1", "source"))
+        if ckpt["source"] != (source or {}):
+            raise ConfigError(f"{out_dir} holds an evaluation of {ckpt['source']}, not of {source}; "
+                              f"choose another --output-dir")
+        load_state(model, ckpt["model"], f"evaluation checkpoint {ckpt_path}")
+        load_state(opt, ckpt["optimizer"], f"the optimizer state of {ckpt_path}")
         start, best = ckpt["epoch"], ckpt["best_top1"]
     ddp = DistributedDataParallel(model) if env.world_size > 1 else model
     sampler = torch.utils.data.DistributedSampler(train_set, env.world_size, env.rank, seed=args.seed)
@@ -222,10 +227,9 @@ def train_classifier(backbone, dim, num_classes, train_set, test_set, args, env,
             if is_best:
                 save_checkpoint(os.path.join(out_dir, "best.pth"), {"model": model.state_dict(), "top1": top1})
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                        "epoch": epoch + 1, "best_top1": best})
-            with open(os.path.join(out_dir, "log.txt"), "a") as f:
-                f.write(json.dumps({"epoch": epoch + 1, "loss": loss.item(), "lr": lr, "top1": top1,
-                                    "top5": top5}) + "\n")
+                                        "epoch": epoch + 1, "best_top1": best, "source": source or {}})
+            append_json(os.path.join(out_dir, "log.txt"), {"epoch": epoch + 1, "loss": loss.item(), "lr": lr,
+                                                           "top1": top1, "top5": top5})
     if start >= args.epochs:  # resumed a finished run: report its final classifier
         top1, top5 = evaluate(model, test_loader, env)
     if not finetune:
@@ -233,39 +237,45 @@ def train_classifier(backbone, dim, num_classes, train_set, test_set, args, env,
     return top1, top5, best
 
 
+def eval_sets(args, pre: dict, augment: bool):
+    """Train / test sets (train reduced to the semi-supervised subset if asked) and class count."""
+    dataset, path, size = args.dataset or pre["dataset"], args.data_path or pre["data_path"], pre["image_size"]
+    train_set = build_dataset(dataset, path, True, eval_transform(dataset, size, train=augment), download=False,
+                              image_size=size)
+    test_set = build_dataset(dataset, path, False, eval_transform(dataset, size), download=False, image_size=size)
+    num_classes = NUM_CLASSES.get(dataset) or len(train_set.classes)
+    if args.train_percent is not None:
+        if args.subset_list:
+            chosen = subset_from_list(train_set, args.subset_list)
+        elif dataset == "imagenet":
+            raise ConfigError("--train-percent on imagenet needs --subset-list: the standard 1% / 10% "
+                              "split files (SimCLR's 1percent.txt / 10percent.txt)")
+        else:
+            chosen = balanced_subset(labels_of(train_set), args.train_percent, args.seed)
+        train_set = torch.utils.data.Subset(train_set, chosen)
+    return train_set, test_set, num_classes
+
+
 def run(args, env) -> dict:
     if args.train_percent is not None and args.train_percent not in (1, 10):
         raise ConfigError(f"--train-percent must be 1 or 10 (the standard semi-supervised splits), "
                           f"got {args.train_percent:g}")
-    backbone, dim, pre = load_backbone(args.checkpoint, args.arch, args.random_init, args.seed)
+    backbone, dim, pre, pre_epoch = load_backbone(args.checkpoint, args.arch, args.random_init, args.seed)
     if args.export:
         export_backbone(backbone, args.export)
         return {"export": args.export, "arch": pre["arch"], "stem": pre.get("stem", "auto"),
                 "image_size": pre["image_size"]}
     backbone = backbone.to(env.device)
-    dataset = args.dataset or pre["dataset"]
-    data_path = args.data_path or pre["data_path"]
-    size = pre["image_size"]
     mode = "knn" if args.knn else f"finetune{args.train_percent:g}" if args.train_percent else "linear"
     out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                               f"eval_{mode}" + ("_random" if args.random_init else ""))
-    finetune = args.train_percent is not None
-    train_t = eval_transform(dataset, size, train=not (args.knn or args.cache_features))
-    train_set = build_dataset(dataset, data_path, True, train_t, download=False, image_size=size)
-    test_set = build_dataset(dataset, data_path, False, eval_transform(dataset, size), download=False,
-                             image_size=size)
-    num_classes = NUM_CLASSES.get(dataset) or len(train_set.classes)
-    if finetune:
-        chosen = subset_from_list(train_set, args.subset_list) if args.subset_list else None
-        if chosen is None and dataset == "imagenet":
-            raise ConfigError("--train-percent on imagenet needs --subset-list: the standard 1% / 10% "
-                              "split files (SimCLR's 1percent.txt / 10percent.txt)")
-        chosen = chosen or balanced_subset(labels_of(train_set), args.train_percent, args.seed)
-        train_set = torch.utils.data.Subset(train_set, chosen)
+    train_set, test_set, num_classes = eval_sets(args, pre, augment=not (args.knn or args.cache_features))
     if env.main:
         os.makedirs(out_dir, exist_ok=True)
-    result = {"mode": mode, "checkpoint": os.path.abspath(args.checkpoint), "random_init": args.random_init,
-              "arch": pre["arch"], "dataset": dataset, "train_images": len(train_set)}
+    source = {"checkpoint": os.path.abspath(args.checkpoint), "pretrain_epoch": pre_epoch,
+              "random_init": args.random_init}
+    result = {"mode": mode, **source, "arch": pre["arch"], "dataset": args.dataset or pre["dataset"],
+              "train_images": len(train_set)}
     base_lr = (args.lr if args.lr is not None else 3.0 if pre["arch"].startswith("vit") else 0.1) \
         * args.batch_size / 256
     if args.knn:
@@ -275,23 +285,24 @@ def run(args, env) -> dict:
         result["top1"], result["top5"], logs = probe_cached(backbone, dim, num_classes, train_set, test_set,
                                                             args, env, base_lr)
         result.update(epochs=args.epochs, protocol="cached features, no augmentation")
-        if env.main:
-            with open(os.path.join(out_dir, "log.txt"), "a") as f:
-                f.writelines(json.dumps(line) + "\n" for line in logs)
+        for line in logs if env.main else []:
+            append_json(os.path.join(out_dir, "log.txt"), line)
     else:
         top1, top5, best = train_classifier(backbone, dim, num_classes, train_set, test_set, args, env,
-                                            base_lr, finetune, out_dir)
+                                            base_lr, args.train_percent is not None, out_dir, source)
         result.update(top1=top1, top5=top5, best_top1=best, epochs=args.epochs)
     if env.main:
-        with open(os.path.join(out_dir, "results.txt"), "a") as f:
-            f.write(json.dumps(result) + "\n")
+        append_json(os.path.join(out_dir, "results.txt"), result)
     return result
 
 
 def main(argv=None) -> dict:
     args = get_args_parser().parse_args(argv)
-    env = distributed.init_distributed(args.device)
     try:
+        try:
+            env = distributed.init_distributed(args.device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         result = run(args, env)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

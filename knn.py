@@ -17,13 +17,13 @@ def extract_features(backbone, dataset, batch_size: int, workers: int, device, r
     """Backbone features (L2-normalised unless normalize=False) and labels of every item:
     ((n, D) float, (n,) long).
 
-    Each rank encodes the items rank, rank + R, ... (padded with its own first item so all
-    ranks run the same number of batches) and the shards are gathered into dataset order.
+    Each rank encodes the items rank, rank + R, ... (padded with a repeated item so all ranks
+    run the same number of batches) and the shards are gathered into dataset order.
     """
     n = len(dataset)
     per_rank = -(-n // world_size)
     mine = list(range(rank, n, world_size))
-    mine += [mine[0]] * (per_rank - len(mine))
+    mine += [mine[0] if mine else 0] * (per_rank - len(mine))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size,
                                          num_workers=workers, pin_memory=device.type == "cuda")
     was_training = backbone.training

@@ -5,8 +5,9 @@ One training step (train.py, `train_step`) composes these pieces; every state ch
 there, in order, and none happens inside `forward`:
 
     k1, k2 = model.momentum_keys(x1), model.momentum_keys(x2)    # k = g'(f'(x)), no gradient
-    K_all  = all_gather(k)                                        # collective, no gradient
-    n      = model.queue.nearest_neighbors(k, K); all_gather(n)   # Eq. 3, queue before update
+    k_all  = all_gather(k)                                        # collective, no gradient
+    idx    = model.queue.nearest_indices(k, K)                    # Eq. 3, queue before update
+    n_all  = model.queue.features[all_gather(idx)]                # identical queue on every rank
     loss   = model(x1, x2, k1_all, k2_all, n1_all, n2_all, rank)  # Eq. 4 + Eq. 2, symmetric
     loss.backward(); optimizer.step()
     model.momentum_update(m)                                      # EMA of f, g into f', g'
@@ -157,11 +158,14 @@ class SNCLR(nn.Module):
         y1 = self.projector(self.backbone(x1))                 # (B, dim) online projections
         y2 = self.projector(self.backbone(x2))                 # (B, dim)
         z1, z2 = self.predictor(y1), self.predictor(y2)        # (B, dim) queries
-        w1 = self.positiveness(y1, neighbors2[own])            # (B, K) Eq. 4, view 1 vs NN(k2)
-        w2 = self.positiveness(y2, neighbors1[own])            # (B, K) Eq. 4, view 2 vs NN(k1)
-        loss = 2 * self.tau * (
-            snclr_loss(z1, keys2, neighbors2, w1, self.tau, rank, self.loss_form)
-            + snclr_loss(z2, keys1, neighbors1, w2, self.tau, rank, self.loss_form))
+        # Eq. 4 and Eq. 2 in fp32 even under mixed precision: bf16 cosines are off by ~1 %.
+        with torch.autocast(x1.device.type, enabled=False):
+            y1, y2, z1, z2 = y1.float(), y2.float(), z1.float(), z2.float()
+            w1 = self.positiveness(y1, neighbors2[own].float())  # (B, K) Eq. 4, view 1 vs NN(k2)
+            w2 = self.positiveness(y2, neighbors1[own].float())  # (B, K) Eq. 4, view 2 vs NN(k1)
+            loss = 2 * self.tau * (
+                snclr_loss(z1, keys2, neighbors2, w1, self.tau, rank, self.loss_form)
+                + snclr_loss(z2, keys1, neighbors1, w2, self.tau, rank, self.loss_form))
         w = torch.cat([w1, w2]).detach().float()               # (2B, K)
         stats = {"w_mean": w.mean() if w.numel() else w.new_zeros(()),
                  "w_max": w.max() if w.numel() else w.new_zeros(())}

@@ -72,6 +72,7 @@ class Positiveness(nn.Module):
             nn.init.eye_(self.f2.weight)
 
     def forward(self, y: torch.Tensor, neighbors: torch.Tensor) -> torch.Tensor:
+        """Eq. 4: y (B, D) online projector outputs, neighbors (B, K, D) -> w (B, K)."""
         if y.dim() != 2 or neighbors.dim() != 3 or neighbors.shape[0] != y.shape[0] \
                 or neighbors.shape[2] != y.shape[1]:
             raise ValueError(f"positiveness expects y (B, D) and neighbors (B, K, D), got "

@@ -288,6 +288,43 @@ def test_model_with_k0_is_symmetric_infonce():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_model_pairs_each_view_with_the_other_views_neighbours():
+    """L(z1; k2, NN(k2), w(y1, NN(k2))) + L(z2; k1, NN(k1), w(y2, NN(k1))), rank rows of the gathers."""
+    torch.manual_seed(0)
+    m = SNCLR("resnet18", **TINY, tau=0.3, num_neighbors=3, queue_size=8)
+    B, rank = 4, 1
+    x1, x2 = torch.randn(B, 3, 16, 16), torch.randn(B, 3, 16, 16)
+    k1, k2 = torch.randn(2 * B, 16), torch.randn(2 * B, 16)              # gathered over 2 ranks
+    n1, n2 = unit(2 * B, 3, 16, seed=1), unit(2 * B, 3, 16, seed=2)
+    loss, stats = m(x1, x2, k1, k2, n1, n2, rank)
+    y1, y2 = m.projector(m.backbone(x1)), m.projector(m.backbone(x2))
+    z1, z2 = m.predictor(y1), m.predictor(y2)
+    own = slice(rank * B, (rank + 1) * B)
+    w1, w2 = m.positiveness(y1, n2[own]), m.positiveness(y2, n1[own])
+    expected = 0.6 * (snclr_loss(z1, k2, n2, w1, 0.3, rank) + snclr_loss(z2, k1, n1, w2, 0.3, rank))
+    swapped = 0.6 * (snclr_loss(z1, k2, n2, m.positiveness(y1, n1[own]), 0.3, rank)
+                     + snclr_loss(z2, k1, n1, m.positiveness(y2, n2[own]), 0.3, rank))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.item() != pytest.approx(swapped.item(), rel=1e-5)
+    assert stats["w_mean"].item() == pytest.approx(1 / 3, rel=1e-5)  # cosine w: rows sum to 1
+
+
+def test_train_step_searches_before_it_enqueues_view2_keys():
+    from train import train_step
+    torch.manual_seed(0)
+    m = SNCLR("resnet18", **TINY, num_neighbors=2, queue_size=64)
+    m.queue.enqueue(unit(5, 16, seed=3))
+    found = []
+    search = m.queue.nearest_indices
+    m.queue.nearest_indices = lambda q, k: found.append(search(q, k)) or found[-1]
+    x1, x2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
+    k2 = m.momentum_keys(x2)  # train-mode BN: the same keys the step computes
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    train_step(m, m, x1, x2, opt, torch.amp.GradScaler("cpu", enabled=False), 0.99)
+    assert len(found) == 2 and all(int(i.max()) < 5 for i in found)      # only the 5 older keys
+    assert len(m.queue) == 13 and torch.allclose(m.queue.features[5:13], F.normalize(k2, dim=1), atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
 def test_backbones_build_and_small_stems(arch):
     net, dim = build_backbone(arch, 16)
@@ -335,6 +372,22 @@ def test_lars_step_matches_formula():
     assert torch.allclose(b.detach(), b0 - 0.5 * gb, atol=1e-6)  # bias: no decay, no adaptation
 
 
+def test_lars_momentum_accumulates():
+    p = torch.nn.Parameter(torch.ones(2, 2))
+    model = torch.nn.Module()
+    model.p = p
+    opt = LARS(param_groups(model, 0.0), lr=1.0, momentum=0.5, trust_coefficient=0.1)
+    g = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    velocity, expected = torch.zeros(2, 2), p.detach().clone()
+    for _ in range(3):  # loop reference: u = eta ||p|| / ||g|| g, v = mu v + u, p -= lr v
+        p.grad = g.clone()
+        u = 0.1 * expected.norm() / g.norm() * g
+        velocity = 0.5 * velocity + u
+        expected = expected - velocity
+        opt.step()
+        assert torch.allclose(p.detach(), expected, atol=1e-6)
+
+
 # --------------------------------------------------------------------- 2 processes ---
 def free_port():
     with socket.socket() as s:
@@ -347,8 +400,7 @@ def _two_rank_worker(rank, port, out_dir):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     env = distributed.init_distributed("cpu")
-    from torch.nn.parallel import DistributedDataParallel
-    from train import train_step
+    from train import train_step, wrap_ddp
     # (1) the gathered loss equals the single-process loss on the concatenated batch
     B, K, D = 3, 2, 8
     torch.manual_seed(0)
@@ -360,12 +412,13 @@ def _two_rank_worker(rank, port, out_dir):
     # (2) real DDP steps: the queues (and weights) stay identical on both ranks
     torch.manual_seed(0)
     m = SNCLR("resnet18", **TINY, num_neighbors=2, queue_size=32)
-    ddp = DistributedDataParallel(m, broadcast_buffers=False)
+    ddp = wrap_ddp(m, torch.device("cpu"))
     opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     torch.manual_seed(100 + rank)  # each rank sees different images
     for _ in range(3):
         train_step(m, ddp, torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), opt, scaler, 0.99, rank)
+    distributed.average_batchnorm_stats(m)
     torch.save({"mean": mean, "single": snclr_loss(z, keys, nb, w, 0.2, 0), "state": m.state_dict()},
                os.path.join(out_dir, f"rank{rank}.pt"))
     distributed.cleanup()
@@ -377,9 +430,9 @@ def test_two_process_gloo(tmp_path):
     for r in (r0, r1):
         assert r["mean"].item() == pytest.approx(r["single"].item(), rel=1e-6)
     assert int(r0["state"]["queue.filled"]) == 3 * 8  # 3 steps x global batch 8
-    for key in ("queue.features", "queue.ptr", "queue.filled", "backbone.conv1.weight",
-                "momentum_backbone.layer1.0.conv1.weight", "predictor.0.weight"):
-        assert torch.equal(r0["state"][key], r1["state"][key]), key
+    assert r0["state"].keys() == r1["state"].keys()
+    for key in r0["state"]:  # weights (DDP), queue (same gathered keys), BN statistics (averaged)
+        assert torch.allclose(r0["state"][key].float(), r1["state"][key].float(), atol=1e-6), key
 
 
 # ------------------------------------------------------------------------- train.py ---
@@ -425,6 +478,34 @@ def test_resume_equals_straight_run(tmp_path):
     assert a["model"].keys() == b["model"].keys()
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_sigterm_saves_mid_epoch_and_resumes(tmp_path):
+    import signal
+    import time
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(HERE / "train.py"), *SMOKE, "--fake-size", "256", "--epochs", "20",
+           "--knn-every", "0", "--workers", "1", "--output-dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "log.txt").exists() and time.time() < deadline:  # random-init kNN done
+        time.sleep(0.2)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "SIGTERM: saved" in stdout, stderr[-3000:]
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    steps_done = 16 * ckpt["epoch"] + ckpt["step_in_epoch"]   # 16 steps per epoch
+    assert 0 < steps_done < 16 * 20 and int(ckpt["model"]["queue.filled"]) == min(16 * steps_done, 32)
+    finish = ckpt["epoch"] + 1                                 # resume and end after that epoch
+    res = run_cli("train.py", *SMOKE, "--fake-size", "256", "--epochs", "20", "--knn-every", "0",
+                  "--output-dir", str(out), "--stop-after-epoch", str(finish))
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [e["epoch"] for e in log if e["epoch"] == 0] == [0]    # no second "random init" line
+    assert log[-1]["epoch"] == finish
+    final = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert final["epoch"] == finish and final["step_in_epoch"] == 0
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -6,6 +6,8 @@ command resumes from it. A kNN monitor measures the random-initialised encoder b
 and the encoder every --knn-every epochs. See README.md for recipes and measured results.
 """
 import argparse
+import inspect
+import itertools
 import json
 import math
 import os
@@ -182,15 +184,40 @@ def train_step(model: SNCLR, ddp_model: nn.Module, x1, x2, optimizer, scaler, mo
     return loss.detach(), stats, search_s
 
 
-def train_one_epoch(model, ddp_model, loader, optimizer, scaler, epoch, args, env, stop_event):
-    """One pass over the data. Returns (epoch statistics, whether SIGTERM stopped it)."""
-    steps, total = len(loader), len(loader) * args.epochs
+class EpochSampler(torch.utils.data.Sampler):
+    """The DistributedSampler order of one epoch, optionally without its first `skip` items,
+    so a run resumed mid-epoch sees exactly the batches it had not trained on yet."""
+
+    def __init__(self, base: torch.utils.data.DistributedSampler):
+        self.base, self.skip = base, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.base.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.base), self.skip, None)
+
+    def __len__(self) -> int:
+        return len(self.base) - self.skip
+
+
+def ignore_sigterm(_worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM: torchrun signals the whole process group, and a dead
+    worker would crash the main process before it can save."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def train_one_epoch(model, ddp_model, loader, optimizer, scaler, epoch, start_it, steps, args, env, stop_event):
+    """Iterations start_it .. steps-1 of one epoch. Returns (statistics, iterations done, stopped)."""
+    total = steps * args.epochs
     use_amp = env.device.type == "cuda" and args.amp != "none"
     amp_dtype = torch.float16 if args.amp == "fp16" else torch.bfloat16
-    sums = torch.zeros(4, dtype=torch.float64)  # loss, w_mean, search seconds, w_max (max)
-    start, done = time.perf_counter(), 0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not env.main, dynamic_ncols=True)
-    for it, ((x1, x2), _) in enumerate(bar):
+    sums = torch.zeros(3, dtype=torch.float64)  # loss, w_mean, search seconds
+    w_max, start, it, stop = 0.0, time.perf_counter(), start_it, False
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not env.main, dynamic_ncols=True,
+               initial=start_it, total=steps)
+    for (x1, x2), _ in bar:
         step = epoch * steps + it
         lr, m = learning_rate(step, steps, args), momentum_schedule(step, total, args.momentum)
         for group in optimizer.param_groups:
@@ -198,28 +225,29 @@ def train_one_epoch(model, ddp_model, loader, optimizer, scaler, epoch, args, en
         x1, x2 = x1.to(env.device, non_blocking=True), x2.to(env.device, non_blocking=True)
         loss, stats, search_s = train_step(model, ddp_model, x1, x2, optimizer, scaler, m, env.rank,
                                            torch.autocast(env.device.type, amp_dtype, enabled=use_amp))
-        # One small collective per step: the mean loss for logging / NaN check, and whether any
-        # rank received SIGTERM (all ranks must stop at the same step).
-        shared = distributed.all_reduce_sum(torch.stack([
-            loss.float(), stats["w_mean"].float(), torch.tensor(float(stop_event.is_set()), device=loss.device)]))
-        loss_v, w_mean, stop = (shared / env.world_size).tolist()
+        it += 1
+        # One small collective per step: loss (for the log and the NaN check), w statistics, and
+        # whether any rank received SIGTERM (every rank must stop after the same step).
+        mine = torch.stack([loss.float(), stats["w_mean"].float(), stats["w_max"].float(),
+                            torch.tensor(float(stop_event.is_set()), device=loss.device)])
+        every = distributed.all_gather(mine[None]).cpu()                     # (R, 4)
+        loss_v, w_mean = every[:, 0].mean().item(), every[:, 1].mean().item()
         if not math.isfinite(loss_v):
             raise FloatingPointError(f"loss is {loss_v} at step {step} (epoch {epoch + 1}, iteration "
-                                     f"{it}); stopped, the last checkpoint in {args.output_dir} is kept")
-        sums += torch.tensor([loss_v, w_mean, search_s, 0.0], dtype=torch.float64)
-        sums[3] = max(sums[3].item(), stats["w_max"].item())
-        done += 1
+                                     f"{it - 1}); stopped, the last checkpoint in {args.output_dir} is kept")
+        sums += torch.tensor([loss_v, w_mean, search_s], dtype=torch.float64)
+        w_max, stop = max(w_max, every[:, 2].max().item()), bool(every[:, 3].any())
         bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.3g}", w=f"{w_mean:.3f}", K=model.neighbors_ready())
-        if stop > 0:
+        if stop:
             break
-    elapsed = time.perf_counter() - start
-    log = {"epoch": epoch + 1, "loss": sums[0].item() / max(done, 1), "lr": lr, "momentum": m,
-           "w_mean": sums[1].item() / max(done, 1), "w_max": sums[3].item(),
-           "nn_search_ms": 1000 * sums[2].item() / max(done, 1),
+    done, elapsed = max(it - start_it, 1), time.perf_counter() - start
+    log = {"epoch": epoch + 1, "loss": sums[0].item() / done, "lr": lr, "momentum": m,
+           "w_mean": sums[1].item() / done, "w_max": w_max, "nn_search_ms": 1000 * sums[2].item() / done,
            "images_per_s": done * args.batch_size / elapsed, "epoch_s": elapsed}
-    return log, stop > 0
+    return log, it, stop
 
 
+# Options that change the model's tensors: a checkpoint resumes only a run that agrees on them.
 STRUCTURE = ("arch", "stem", "image_size", "dim", "mlp_dim", "queue_size", "positiveness")
 
 
@@ -249,27 +277,78 @@ def load_checkpoint(path: str, expect: dict = None, required=("model", "optimize
     return ckpt
 
 
+def load_state(module, state: dict, what: str) -> None:
+    """Strict load_state_dict whose failure is a one-line ConfigError."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ConfigError(f"{what} does not fit: {str(e).splitlines()[0]}") from None
+
+
+def append_json(path: str, entry: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def build_model(a: dict) -> SNCLR:
+    """The SNCLR model a run's options describe (a dict, as stored in args.json and checkpoints)."""
+    try:
+        return SNCLR(a["arch"], a["image_size"], a["dim"], a["mlp_dim"], a["tau"], a["num_neighbors"],
+                     a["queue_size"], a["positiveness"], a["loss_form"], a["threshold"],
+                     a["stop_grad_patch"], a["stem"])
+    except ValueError as e:  # e.g. a ViT patch size that does not divide the image size
+        raise ConfigError(str(e)) from None
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> DistributedDataParallel:
+    """DDP for gradient averaging only. No buffer broadcast before each forward: the queue
+    (65536 x 256 floats) is identical on every rank by construction, and CPU ranks average their
+    BatchNorm statistics once per epoch (SyncBatchNorm is CUDA-only). Newer PyTorch renamed the
+    option."""
+    option = "forward_sync_buffers" if "forward_sync_buffers" in \
+        inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers"
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                   **{option: False})
+
+
 def build_data(args, env):
-    """Pretraining loader (two views) and the kNN monitor's train / test sets."""
-    if env.main:  # rank 0 downloads (when the dataset can be and a network exists) first
-        build_dataset(args.dataset, args.data_path, True, None, True, args.fake_size, args.image_size)
-    distributed.barrier()
+    """Pretraining loader (two views), its sampler, and the kNN monitor's sets and class count."""
+    failed = None
+    if env.main:  # rank 0 downloads first (when the dataset can be, and a network exists)
+        try:
+            build_dataset(args.dataset, args.data_path, True, None, True, args.fake_size, args.image_size)
+        except DataError as e:
+            failed = e
+    # every rank learns whether rank 0 failed (this is also the barrier after the download)
+    if distributed.all_reduce_sum(torch.tensor([float(failed is not None)], device=env.device)).item():
+        raise failed or DataError(f"rank 0 could not prepare --dataset {args.dataset}; see its error")
     views = TwoViews(*two_view_transforms(args.dataset, args.image_size, args.crop_min))
     train_set = fixed_subset(build_dataset(args.dataset, args.data_path, True, views, False,
                                            args.fake_size, args.image_size), args.subset, args.seed)
-    local_batch = args.batch_size // env.world_size
     if len(train_set) < args.batch_size:
         raise ConfigError(f"{len(train_set)} training images are fewer than one --batch-size {args.batch_size}")
-    sampler = torch.utils.data.DistributedSampler(train_set, env.world_size, env.rank, shuffle=True,
-                                                  seed=args.seed, drop_last=True)
+    local_batch = args.batch_size // env.world_size
+    sampler = EpochSampler(torch.utils.data.DistributedSampler(train_set, env.world_size, env.rank, shuffle=True,
+                                                               seed=args.seed, drop_last=True))
     loader = torch.utils.data.DataLoader(train_set, local_batch, sampler=sampler, num_workers=args.workers,
-                                         pin_memory=env.device.type == "cuda", drop_last=True)
+                                         pin_memory=env.device.type == "cuda", drop_last=True,
+                                         worker_init_fn=ignore_sigterm)
     test_t = eval_transform(args.dataset, args.image_size)
-    knn_train = fixed_subset(build_dataset(args.dataset, args.data_path, True, test_t, False, args.fake_size,
-                                           args.image_size), args.knn_train_size, args.seed)
-    knn_test = fixed_subset(build_dataset(args.dataset, args.data_path, False, test_t, False, args.fake_size,
-                                          args.image_size), args.knn_test_size, args.seed)
-    return loader, sampler, knn_train, knn_test
+    knn_train = build_dataset(args.dataset, args.data_path, True, test_t, False, args.fake_size, args.image_size)
+    knn_test = build_dataset(args.dataset, args.data_path, False, test_t, False, args.fake_size, args.image_size)
+    num_classes = NUM_CLASSES.get(args.dataset) or len(knn_train.classes)
+    knn_sets = (fixed_subset(knn_train, args.knn_train_size, args.seed),
+                fixed_subset(knn_test, args.knn_test_size, args.seed))
+    return loader, sampler, len(sampler.base) // local_batch, knn_sets, num_classes
+
+
+def monitor_knn(model, knn_sets, num_classes, args, env, tag: str) -> float:
+    """kNN top-1 of the online encoder f (eval mode; training mode is restored)."""
+    acc = knn_accuracy(model.backbone, *knn_sets, num_classes, max(args.batch_size // env.world_size, 64),
+                       args.workers, env.device, env.rank, env.world_size, args.knn_k, args.knn_t)
+    if env.main:
+        print(f"kNN top-1 ({tag}): {acc:.2f}%")
+    return acc
 
 
 def run(args, env) -> None:
@@ -277,81 +356,73 @@ def run(args, env) -> None:
     ckpt_path = args.resume or os.path.join(args.output_dir, "checkpoint.pth")
     structure = {key: getattr(args, key) for key in STRUCTURE}
     ckpt = load_checkpoint(ckpt_path, structure) if args.resume or os.path.isfile(ckpt_path) else None
-    loader, sampler, knn_train, knn_test = build_data(args, env)
-    num_classes = NUM_CLASSES.get(args.dataset) or len(knn_train.classes)
+    loader, sampler, steps, knn_sets, num_classes = build_data(args, env)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = SNCLR(args.arch, args.image_size, args.dim, args.mlp_dim, args.tau, args.num_neighbors,
-                  args.queue_size, args.positiveness, args.loss_form, args.threshold,
-                  args.stop_grad_patch, args.stem).to(env.device)
+    model = build_model(vars(args)).to(env.device)
     if env.world_size > 1 and env.device.type == "cuda":  # SyncBatchNorm is CUDA-only in PyTorch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(model, args)
     scaler = torch.amp.GradScaler(env.device.type, enabled=env.device.type == "cuda" and args.amp == "fp16")
-    start_epoch = 0
+    epoch, start_it = 0, 0
     if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise ConfigError(f"checkpoint {ckpt_path} does not fit this model: {str(e).splitlines()[0]}")
-        scaler.load_state_dict(ckpt.get("scaler", {}))
-        start_epoch = ckpt["epoch"]
-    ddp_model = model
-    if env.world_size > 1:  # CPU ranks keep per-rank BatchNorm statistics (see above)
-        ddp_model = DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None,
-                                            broadcast_buffers=False)  # the queue is identical by construction
-    log_path = os.path.join(args.output_dir, "log.txt")
-    save_path = os.path.join(args.output_dir, "checkpoint.pth")
-
-    def save(epoch):  # epoch = the next epoch to run
-        save_checkpoint(save_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "scaler": scaler.state_dict(), "epoch": epoch, "args": vars(args)})
+        load_state(model, ckpt["model"], f"checkpoint {ckpt_path}")
+        load_state(optimizer, ckpt["optimizer"], f"the optimizer state of {ckpt_path}")
+        if ckpt.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(ckpt["scaler"])
+        epoch, start_it = ckpt["epoch"], ckpt.get("step_in_epoch", 0)
+    ddp_model = wrap_ddp(model, env.device) if env.world_size > 1 else model
+    log_path, save_path = os.path.join(args.output_dir, "log.txt"), os.path.join(args.output_dir, "checkpoint.pth")
     if env.main:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
-
-    def knn(tag):
-        acc = knn_accuracy(model.backbone, knn_train, knn_test, num_classes, max(args.batch_size // env.world_size, 64),
-                           args.workers, env.device, env.rank, env.world_size, args.knn_k, args.knn_t)
+    if epoch == 0 and start_it == 0:  # every run measures its own random-init baseline
+        acc = monitor_knn(model, knn_sets, num_classes, args, env, "random init")
         if env.main:
-            print(f"kNN top-1 ({tag}): {acc:.2f}%")
-        return acc
+            append_json(log_path, {"epoch": 0, "knn_top1": acc})
 
-    def write_log(entry):
+    def save(epoch, step_in_epoch=0):  # (epoch, step) = where training continues
         if env.main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+            save_checkpoint(save_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                        "scaler": scaler.state_dict(), "epoch": epoch,
+                                        "step_in_epoch": step_in_epoch, "args": vars(args)})
 
-    if start_epoch == 0:
-        write_log({"epoch": 0, "knn_top1": knn("random init")})
     stop_event = threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop_event.set())
-    end_epoch = min(args.epochs, args.stop_after_epoch or args.epochs)
-    for epoch in range(start_epoch, end_epoch):
-        sampler.set_epoch(epoch)
-        torch.manual_seed(args.seed + 1000 * epoch + env.rank)  # augmentations reproducible on resume
-        log, stopped = train_one_epoch(model, ddp_model, loader, optimizer, scaler, epoch, args, env, stop_event)
-        if stopped:  # keep the weights; the interrupted epoch reruns from its start on resume
+    for epoch in range(epoch, min(args.epochs, args.stop_after_epoch or args.epochs)):
+        sampler.set_epoch(epoch, skip=start_it * (args.batch_size // env.world_size))
+        torch.manual_seed(args.seed + 1000 * epoch + 100 * start_it + env.rank)  # reproducible augmentations
+        log, it, stopped = train_one_epoch(model, ddp_model, loader, optimizer, scaler, epoch, start_it, steps,
+                                           args, env, stop_event)
+        start_it = 0
+        distributed.average_batchnorm_stats(model)  # CPU ranks: one set of statistics to eval and save
+        if stopped and it < steps:
+            save(epoch, it)
             if env.main:
-                save(epoch)
-                print(f"SIGTERM: saved {save_path}; rerun the same command to resume at epoch {epoch + 1}")
+                print(f"SIGTERM: saved {save_path} at epoch {epoch + 1}, iteration {it}; rerun the same command "
+                      "to resume from there")
             return
-        last = epoch + 1 == args.epochs
-        if last or (args.knn_every > 0 and (epoch + 1) % args.knn_every == 0):
-            log["knn_top1"] = knn(f"epoch {epoch + 1}")
-        write_log(log)
+        if epoch + 1 == args.epochs or (args.knn_every > 0 and (epoch + 1) % args.knn_every == 0):
+            log["knn_top1"] = monitor_knn(model, knn_sets, num_classes, args, env, f"epoch {epoch + 1}")
+        save(epoch + 1)
         if env.main:
-            save(epoch + 1)
+            append_json(log_path, log)
             print(json.dumps(log))
+        if stopped:  # SIGTERM during the epoch's last step: the epoch is complete and saved
+            if env.main:
+                print(f"SIGTERM: saved {save_path} after epoch {epoch + 1}; rerun the same command to resume")
+            return
     distributed.barrier()
 
 
 def main(argv=None) -> None:
     args = resolve_args(get_args_parser().parse_args(argv))
-    env = distributed.init_distributed(args.device)
     try:
+        try:
+            env = distributed.init_distributed(args.device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         run(args, env)
     except (ConfigError, DataError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -16,26 +16,27 @@ import json
 import torch
 from PIL import Image, ImageDraw
 
-from data import MEAN_STD, build_dataset, eval_transform, fixed_subset
+from data import IMAGENET_MEAN_STD, MEAN_STD, build_dataset, eval_transform, fixed_subset
 from memory_queue import MemoryQueue
 from model import SNCLR
-from train import load_checkpoint
+from train import build_model, load_checkpoint, load_state
 
 GREEN, RED, GREY, BLACK, WHITE = (30, 150, 60), (200, 40, 40), (150, 150, 150), (0, 0, 0), (255, 255, 255)
 
 
 def to_pil(x: torch.Tensor, dataset: str, side: int) -> Image.Image:
     """A normalised (3, H, W) tensor back to an RGB image of side x side pixels."""
-    mean, std = (torch.tensor(v)[:, None, None] for v in MEAN_STD.get(dataset, ((0.485, 0.456, 0.406),
-                                                                                (0.229, 0.224, 0.225))))
+    mean, std = (torch.tensor(v)[:, None, None] for v in MEAN_STD.get(dataset, IMAGENET_MEAN_STD))
     img = ((x * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
     return Image.fromarray(img).resize((side, side), Image.NEAREST)
 
 
 @torch.no_grad()
 def soft_neighbours(model: SNCLR, bank_x: torch.Tensor, query_x: torch.Tensor, k: int):
-    """Indices (Q, k) into the bank and positiveness w (Q, k) of each query's neighbours."""
-    model.eval()
+    """Indices (Q, k) into the bank and positiveness w (Q, k) of each query's neighbours.
+
+    The model should be in eval mode (BatchNorm running statistics, no batch dependence).
+    """
     keys = torch.cat([model.momentum_keys(b) for b in bank_x.split(256)])          # (n, dim)
     bank = MemoryQueue(len(keys), keys.shape[1])
     bank.enqueue(keys)
@@ -47,10 +48,9 @@ def soft_neighbours(model: SNCLR, bank_x: torch.Tensor, query_x: torch.Tensor, k
 def neighbour_grid(ckpt_path: str, out: str, queries: int, k: int, bank_size: int, data_path=None, side=64):
     ckpt = load_checkpoint(ckpt_path)
     a = ckpt["args"]
-    model = SNCLR(a["arch"], a["image_size"], a["dim"], a["mlp_dim"], a["tau"], a["num_neighbors"],
-                  a["queue_size"], a["positiveness"], a["loss_form"], a["threshold"], a["stop_grad_patch"],
-                  a.get("stem", "auto"))
-    model.load_state_dict(ckpt["model"])
+    model = build_model(a)
+    load_state(model, ckpt["model"], f"checkpoint {ckpt_path}")
+    model.eval()
     k = k or max(a["num_neighbors"], 1)
     t = eval_transform(a["dataset"], a["image_size"])
     path = data_path or a["data_path"]
