@@ -25,11 +25,11 @@ import distributed
 from data import NUM_CLASSES, DataError, build_dataset, eval_transform
 from knn import extract_features, knn_accuracy
 from model import build_backbone
-from train import ConfigError, append_json, load_checkpoint, load_state, save_checkpoint
+from train import ConfigError, HelpFormatter, append_json, load_checkpoint, load_state, save_checkpoint
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("SNCLR evaluation", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser("SNCLR evaluation", formatter_class=HelpFormatter,
                                 description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("checkpoint", help="a train.py checkpoint.pth")

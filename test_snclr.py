@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -344,10 +345,11 @@ def test_model_bad_input():
         build_backbone("vit_tiny", 30)
 
 
-def test_training_steps_lower_the_loss_on_a_fixed_batch():
+@pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
+def test_training_steps_lower_the_loss_on_a_fixed_batch(arch):
     from train import train_step
     torch.manual_seed(0)
-    m = SNCLR("resnet18", **TINY, tau=0.2, num_neighbors=2, queue_size=256, positiveness="attention")
+    m = SNCLR(arch, **TINY, tau=0.2, num_neighbors=2, queue_size=256, positiveness="attention")
     m.queue.enqueue(torch.randn(16, 16))  # unrelated keys, so neighbours exist from step 1
     opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -463,6 +465,20 @@ def test_cli_smoke_writes_log_and_checkpoint(smoke_run):
     assert ckpt["epoch"] == 2 and ckpt["args"]["arch"] == "resnet18"
     assert int(ckpt["model"]["queue.filled"]) == 32
     assert json.loads((smoke_run / "args.json").read_text())["num_neighbors"] == 2
+
+
+def test_vit_with_adamw_and_frozen_patch_embedding_trains(tmp_path):
+    import train
+    vit = [a if a != "resnet18" else "vit_tiny" for a in SMOKE]
+    vit[vit.index("sgd")] = "adamw"
+    train.main(vit + ["--lr", "1e-3", "--epochs", "1", "--knn-every", "0", "--output-dir", str(tmp_path)])
+    state = torch.load(tmp_path / "checkpoint.pth", weights_only=True)["model"]
+    # the frozen patch embedding keeps its initial value (train.py seeds with --seed 0 before building)
+    torch.manual_seed(0)
+    assert torch.equal(state["backbone.conv_proj.weight"], SNCLR("vit_tiny", **TINY).backbone.conv_proj.weight)
+    # and the layers that do train move away from their momentum (EMA) copies
+    assert not torch.equal(state["backbone.encoder.layers.encoder_layer_0.mlp.0.weight"],
+                           state["momentum_backbone.encoder.layers.encoder_layer_0.mlp.0.weight"])
 
 
 def test_resume_equals_straight_run(tmp_path):
@@ -614,6 +630,46 @@ def test_eval_bad_input(smoke_run, tmp_path):
         res = run_cli("eval_linear.py", *argv, "--workers", "0", "--output-dir", str(tmp_path / "o"))
         assert res.returncode != 0 and message in res.stderr, (argv, res.stderr[-2000:])
         assert res.stderr.strip().count("\n") == 0, res.stderr
+
+
+# ----------------------------------------------------------------------------- data ---
+def test_fashion_mnist_reads_idx_gz_files(tmp_path):
+    import gzip
+    from data import FashionMNIST
+    images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    labels = torch.tensor([3, 1, 4, 1, 5], dtype=torch.uint8)
+    for prefix in ("train", "t10k"):  # IDX: 0, 0, type 0x08 (ubyte), ndim, big-endian sizes, data
+        with gzip.open(tmp_path / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in (5, 28, 28))
+                    + images.numpy().tobytes())
+        with gzip.open(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(bytes([0, 0, 8, 1]) + (5).to_bytes(4, "big") + labels.numpy().tobytes())
+    ds = FashionMNIST(str(tmp_path), train=True)
+    img, y = ds[2]
+    assert len(ds) == 5 and y == 4 and img.size == (28, 28)
+    assert torch.equal(torch.from_numpy(np.asarray(img)), images[2])
+
+
+def test_epoch_sampler_skips_the_trained_part_of_the_same_order():
+    from train import EpochSampler
+    base = torch.utils.data.DistributedSampler(list(range(20)), num_replicas=2, rank=1, shuffle=True, seed=3)
+    s = EpochSampler(base)
+    s.set_epoch(4)
+    full = list(s)
+    s.set_epoch(4, skip=3)
+    assert list(s) == full[3:] and len(s) == len(full) - 3
+    s.set_epoch(5)
+    assert list(s) != full and len(s) == len(full)  # a new epoch reshuffles, and skips nothing
+
+
+def test_balanced_subset_takes_the_same_share_of_every_class():
+    from eval_linear import balanced_subset
+    labels = [0] * 300 + [1] * 100 + [2] * 50
+    chosen = balanced_subset(labels, 10, seed=0)
+    counts = [sum(labels[i] == c for i in chosen) for c in range(3)]
+    assert counts == [30, 10, 5] and len(set(chosen)) == 45
+    assert balanced_subset(labels, 10, seed=0) == chosen != balanced_subset(labels, 10, seed=1)
+    assert [sum(labels[i] == c for i in balanced_subset(labels, 1, seed=0)) for c in range(3)] == [3, 1, 1]
 
 
 # --------------------------------------------------------------------------- project ---

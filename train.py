@@ -42,8 +42,15 @@ RECIPES = {"resnet": dict(optimizer="lars", lr=0.6, weight_decay=1e-6, tau=1.0, 
                        warmup_epochs=40)}
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None: those options explain their arch-dependent default in words."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("SNCLR pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser("SNCLR pretraining", formatter_class=HelpFormatter,
                                 description=__doc__.split("\n\n")[0])
     a = p.add_argument
     # model
