@@ -647,7 +647,7 @@ def test_fashion_mnist_reads_idx_gz_files(tmp_path):
     ds = FashionMNIST(str(tmp_path), train=True)
     img, y = ds[2]
     assert len(ds) == 5 and y == 4 and img.size == (28, 28)
-    assert torch.equal(torch.from_numpy(np.asarray(img)), images[2])
+    assert torch.equal(torch.tensor(np.array(img)), images[2])
 
 
 def test_epoch_sampler_skips_the_trained_part_of_the_same_order():
