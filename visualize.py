@@ -65,8 +65,8 @@ def neighbour_grid(ckpt_path: str, out: str, queries: int, k: int, bank_size: in
     cell_w, cell_h = side + 2 * pad, side + 2 * pad + text_h
     canvas = Image.new("RGB", ((k + 1) * cell_w + pad, queries * cell_h + 20), WHITE)
     draw = ImageDraw.Draw(canvas)
-    draw.text((pad, 4), f"query | {k} nearest in a bank of {len(bank)} training images, w = positiveness "
-                        f"({a['positiveness']}); green = same class", fill=BLACK)
+    draw.text((pad, 4), f"query | {k} nearest of {len(bank)} train images | w: {a['positiveness']} "
+                        f"| green: same class", fill=BLACK)
     for r in range(queries):
         top = 20 + r * cell_h
         canvas.paste(to_pil(query_x[r], a["dataset"], side), (pad, top + pad))
