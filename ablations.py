@@ -116,9 +116,10 @@ def main(argv=None):
         for name in args.only:
             path = os.path.join(args.results, f"ablation_{name}_s{seed}.json")
             if not os.path.exists(path):
+                row = one_run(name, seed, args)
                 with open(path + ".tmp", "w") as f:
-                    json.dump(one_run(name, seed, args), f, indent=2)
-                os.replace(path + ".tmp", path)
+                    json.dump(row, f, indent=2)
+                os.replace(path + ".tmp", path)  # only finished runs leave a result
             with open(path) as f:
                 rows.append(json.load(f))
     table = summarise(rows)
