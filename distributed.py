@@ -4,7 +4,8 @@ A plain `python train.py` is one process and never creates a process group; ever
 here then degenerates to the identity, so the same training step runs everywhere.
 """
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -15,6 +16,7 @@ class Env:
     rank: int
     world_size: int
     device: torch.device
+    stop: threading.Event = field(default_factory=threading.Event)  # set on SIGTERM
 
     @property
     def main(self) -> bool:

@@ -215,8 +215,12 @@ def ignore_sigterm(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def train_one_epoch(model, ddp_model, loader, optimizer, scaler, epoch, start_it, steps, args, env, stop_event):
-    """Iterations start_it .. steps-1 of one epoch. Returns (statistics, iterations done, stopped)."""
+def train_one_epoch(model, ddp_model, loader, optimizer, scaler, epoch, start_it, steps, args, env):
+    """Iterations start_it .. steps-1 of one epoch. Returns (statistics, iterations done, stopped).
+
+    It stops early, on every rank after the same step, once any rank has received SIGTERM
+    (env.stop, set by the signal handler that main installs).
+    """
     total = steps * args.epochs
     use_amp = env.device.type == "cuda" and args.amp != "none"
     amp_dtype = torch.float16 if args.amp == "fp16" else torch.bfloat16
@@ -236,7 +240,7 @@ def train_one_epoch(model, ddp_model, loader, optimizer, scaler, epoch, start_it
         # One small collective per step: loss (for the log and the NaN check), w statistics, and
         # whether any rank received SIGTERM (every rank must stop after the same step).
         mine = torch.stack([loss.float(), stats["w_mean"].float(), stats["w_max"].float(),
-                            torch.tensor(float(stop_event.is_set()), device=loss.device)])
+                            torch.tensor(float(env.stop.is_set()), device=loss.device)])
         every = distributed.all_gather(mine[None]).cpu()                     # (R, 4)
         loss_v, w_mean = every[:, 0].mean().item(), every[:, 1].mean().item()
         if not math.isfinite(loss_v):
@@ -358,6 +362,15 @@ def monitor_knn(model, knn_sets, num_classes, args, env, tag: str) -> float:
     return acc
 
 
+def restore(ckpt: dict, path: str, model, optimizer, scaler) -> tuple[int, int]:
+    """Load a checkpoint into model, optimizer and scaler; return where training continues."""
+    load_state(model, ckpt["model"], f"checkpoint {path}")
+    load_state(optimizer, ckpt["optimizer"], f"the optimizer state of {path}")
+    if ckpt.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(ckpt["scaler"])
+    return ckpt["epoch"], ckpt.get("step_in_epoch", 0)
+
+
 def run(args, env) -> None:
     check_args(args, env.world_size)
     ckpt_path = args.resume or os.path.join(args.output_dir, "checkpoint.pth")
@@ -370,13 +383,7 @@ def run(args, env) -> None:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(model, args)
     scaler = torch.amp.GradScaler(env.device.type, enabled=env.device.type == "cuda" and args.amp == "fp16")
-    epoch, start_it = 0, 0
-    if ckpt is not None:
-        load_state(model, ckpt["model"], f"checkpoint {ckpt_path}")
-        load_state(optimizer, ckpt["optimizer"], f"the optimizer state of {ckpt_path}")
-        if ckpt.get("scaler") and scaler.is_enabled():
-            scaler.load_state_dict(ckpt["scaler"])
-        epoch, start_it = ckpt["epoch"], ckpt.get("step_in_epoch", 0)
+    epoch, start_it = restore(ckpt, ckpt_path, model, optimizer, scaler) if ckpt else (0, 0)
     ddp_model = wrap_ddp(model, env.device) if env.world_size > 1 else model
     log_path, save_path = os.path.join(args.output_dir, "log.txt"), os.path.join(args.output_dir, "checkpoint.pth")
     if env.main:
@@ -394,14 +401,14 @@ def run(args, env) -> None:
                                         "scaler": scaler.state_dict(), "epoch": epoch,
                                         "step_in_epoch": step_in_epoch, "args": vars(args)})
 
-    stop_event = threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: stop_event.set())
-    for epoch in range(epoch, min(args.epochs, args.stop_after_epoch or args.epochs)):
+    end = min(args.epochs, args.stop_after_epoch or args.epochs)
+    if epoch >= end and env.main:
+        print(f"{save_path} is at epoch {epoch}: nothing to train (--epochs {args.epochs})")
+    for epoch in range(epoch, end):
         sampler.set_epoch(epoch, skip=start_it * (args.batch_size // env.world_size))
         torch.manual_seed(args.seed + 1000 * epoch + 100 * start_it + env.rank)  # reproducible augmentations
         log, it, stopped = train_one_epoch(model, ddp_model, loader, optimizer, scaler, epoch, start_it, steps,
-                                           args, env, stop_event)
+                                           args, env)
         start_it = 0
         distributed.average_batchnorm_stats(model)  # CPU ranks: one set of statistics to eval and save
         if stopped and it < steps:
@@ -425,16 +432,21 @@ def run(args, env) -> None:
 
 def main(argv=None) -> None:
     args = resolve_args(get_args_parser().parse_args(argv))
+    previous = None
     try:
         try:
             env = distributed.init_distributed(args.device)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if threading.current_thread() is threading.main_thread():  # SIGTERM: finish the step, save, exit
+            previous = signal.signal(signal.SIGTERM, lambda *_: env.stop.set())
         run(args, env)
     except (ConfigError, DataError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         distributed.cleanup()
 
 
