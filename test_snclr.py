@@ -537,6 +537,24 @@ def test_cli_bad_input_fails_with_one_line(tmp_path, extra, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    import train
+    train.main(SMOKE + ["--epochs", "2", "--stop-after-epoch", "1", "--knn-every", "0", "--output-dir", str(tmp_path)])
+    before = (tmp_path / "checkpoint.pth").read_bytes()
+    res = run_cli("train.py", *SMOKE, "--epochs", "2", "--knn-every", "0", "--lr", "1e30",
+                  "--output-dir", str(tmp_path))  # resumes epoch 2 with an exploding learning rate
+    assert res.returncode != 0 and "error: loss is nan at step" in res.stderr, res.stderr[-2000:]
+    assert (tmp_path / "checkpoint.pth").read_bytes() == before
+
+
+def test_batch_must_divide_by_world_size():
+    import train
+    args = train.resolve_args(train.get_args_parser().parse_args(SMOKE))
+    train.check_args(args, 4)  # 16 = 4 x 4
+    with pytest.raises(train.ConfigError, match="--batch-size 16 is not divisible by the world size 3"):
+        train.check_args(args, 3)
+
+
 def test_cli_refuses_checkpoint_of_another_arch(smoke_run):
     before = (smoke_run / "checkpoint.pth").read_bytes()
     res = run_cli("train.py", *SMOKE, "--arch", "resnet34", "--epochs", "3", "--output-dir", str(smoke_run))
