@@ -115,7 +115,6 @@ def search_scaling(args, device):
         for k in args.scaling_k:
             ms = 1000 * timed(lambda: queue.nearest_indices(q, k), device, args.repeats)
             rows.append({"queue": size, "K": k, "ms": ms})
-        del queue
     return rows
 
 

@@ -6,7 +6,9 @@ the IDX files, .gz or not, so Debian's `dataset-fashion-mnist` package works off
 (torchvision FakeData, for smoke tests).
 """
 import gzip
+import itertools
 import os
+import signal
 import urllib.error
 
 import numpy as np
@@ -153,6 +155,30 @@ def build_dataset(name: str, root: str, train: bool, transform, download: bool =
         raise DataError(f"--dataset {name} expects ImageFolder directories {root}/train and "
                         f"{root}/val (one sub-folder per class); {folder!r} does not exist")
     return datasets.ImageFolder(folder, transform)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """The DistributedSampler order of one epoch, optionally without its first `skip` items,
+    so a run resumed mid-epoch sees exactly the batches it had not trained on yet."""
+
+    def __init__(self, base: torch.utils.data.DistributedSampler):
+        self.base, self.skip = base, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.base.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.base), self.skip, None)
+
+    def __len__(self) -> int:
+        return len(self.base) - self.skip
+
+
+def ignore_sigterm(_worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM: torchrun signals the whole process group, and a dead
+    worker would crash the main process before it can save."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def fixed_subset(dataset, size: int, seed: int = 0):

@@ -22,10 +22,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import distributed
+from checkpoint import ConfigError, append_json, load_checkpoint, load_state, save_checkpoint
 from data import NUM_CLASSES, DataError, build_dataset, eval_transform
 from knn import extract_features, knn_accuracy
 from model import build_backbone
-from train import ConfigError, HelpFormatter, append_json, load_checkpoint, load_state, save_checkpoint
+from train import HelpFormatter
 
 
 def get_args_parser() -> argparse.ArgumentParser:

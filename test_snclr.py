@@ -401,7 +401,7 @@ def _two_rank_worker(rank, port, out_dir):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    env = distributed.init_distributed("cpu")
+    distributed.init_distributed("cpu")
     from train import train_step, wrap_ddp
     # (1) the gathered loss equals the single-process loss on the concatenated batch
     B, K, D = 3, 2, 8
@@ -669,7 +669,7 @@ def test_fashion_mnist_reads_idx_gz_files(tmp_path):
 
 
 def test_epoch_sampler_skips_the_trained_part_of_the_same_order():
-    from train import EpochSampler
+    from data import EpochSampler
     base = torch.utils.data.DistributedSampler(list(range(20)), num_replicas=2, rank=1, shuffle=True, seed=3)
     s = EpochSampler(base)
     s.set_epoch(4)

@@ -7,7 +7,6 @@ and the encoder every --knn-every epochs. See README.md for recipes and measured
 """
 import argparse
 import inspect
-import itertools
 import json
 import math
 import os
@@ -22,17 +21,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import distributed
-from data import (DATASETS, FASHION_MNIST_DEB, IMAGE_SIZE, NUM_CLASSES, DataError, TwoViews,
-                  build_dataset, eval_transform, fixed_subset, two_view_transforms)
+from checkpoint import ConfigError, append_json, load_checkpoint, load_state, save_checkpoint
+from data import (DATASETS, FASHION_MNIST_DEB, IMAGE_SIZE, NUM_CLASSES, DataError, EpochSampler, TwoViews,
+                  build_dataset, eval_transform, fixed_subset, ignore_sigterm, two_view_transforms)
 from knn import knn_accuracy
 from lars import LARS, param_groups
 from loss import FORMS
 from model import ARCHS, SNCLR, STEMS, VITS, momentum_schedule
 from positiveness import MODES
-
-
-class ConfigError(Exception):
-    """Bad options or an unusable checkpoint; the message names the value and what is allowed."""
 
 
 # Recipes that differ between ResNets (MoCo v3, LARS) and ViTs (MoCo v3 / released SNCLR, AdamW).
@@ -191,30 +187,6 @@ def train_step(model: SNCLR, ddp_model: nn.Module, x1, x2, optimizer, scaler, mo
     return loss.detach(), stats, search_s
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """The DistributedSampler order of one epoch, optionally without its first `skip` items,
-    so a run resumed mid-epoch sees exactly the batches it had not trained on yet."""
-
-    def __init__(self, base: torch.utils.data.DistributedSampler):
-        self.base, self.skip = base, 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.base.set_epoch(epoch)
-        self.skip = skip
-
-    def __iter__(self):
-        return itertools.islice(iter(self.base), self.skip, None)
-
-    def __len__(self) -> int:
-        return len(self.base) - self.skip
-
-
-def ignore_sigterm(_worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM: torchrun signals the whole process group, and a dead
-    worker would crash the main process before it can save."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def train_one_epoch(model, ddp_model, loader, optimizer, scaler, epoch, start_it, steps, args, env):
     """Iterations start_it .. steps-1 of one epoch. Returns (statistics, iterations done, stopped).
 
@@ -260,45 +232,6 @@ def train_one_epoch(model, ddp_model, loader, optimizer, scaler, epoch, start_it
 
 # Options that change the model's tensors: a checkpoint resumes only a run that agrees on them.
 STRUCTURE = ("arch", "stem", "image_size", "dim", "mlp_dim", "queue_size", "positiveness")
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    """Plain tensors and dicts (loadable with weights_only=True), written atomically."""
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)  # a crash mid-write never leaves a truncated file behind
-
-
-def load_checkpoint(path: str, expect: dict = None, required=("model", "optimizer", "epoch", "args")) -> dict:
-    """Read a checkpoint with weights_only=True; ConfigError with one clear line if it is unusable.
-
-    expect maps args entries to the values this run needs (e.g. {"arch": "resnet50"}).
-    """
-    if not os.path.isfile(path):
-        raise ConfigError(f"checkpoint {path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or an unsafe pickle
-        raise ConfigError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}")
-    if not isinstance(ckpt, dict) or not set(required) <= set(ckpt):
-        raise ConfigError(f"{path} is not a checkpoint of this project (expected keys {', '.join(required)})")
-    for key, want in (expect or {}).items():
-        if ckpt["args"].get(key) != want:
-            raise ConfigError(f"checkpoint {path} has {key}={ckpt['args'].get(key)!r} but "
-                              f"{key}={want!r} was asked for")
-    return ckpt
-
-
-def load_state(module, state: dict, what: str) -> None:
-    """Strict load_state_dict whose failure is a one-line ConfigError."""
-    try:
-        module.load_state_dict(state)
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise ConfigError(f"{what} does not fit: {str(e).splitlines()[0]}") from None
-
-
-def append_json(path: str, entry: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(entry) + "\n")
 
 
 def build_model(a: dict) -> SNCLR:

@@ -16,10 +16,11 @@ import json
 import torch
 from PIL import Image, ImageDraw
 
+from checkpoint import load_checkpoint, load_state
 from data import IMAGENET_MEAN_STD, MEAN_STD, build_dataset, eval_transform, fixed_subset
 from memory_queue import MemoryQueue
 from model import SNCLR
-from train import build_model, load_checkpoint, load_state
+from train import build_model
 
 GREEN, RED, GREY, BLACK, WHITE = (30, 150, 60), (200, 40, 40), (150, 150, 150), (0, 0, 0), (255, 255, 255)
 
