@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import distributed
 from checkpoint import ConfigError, append_json, load_checkpoint, load_state, save_checkpoint
-from data import NUM_CLASSES, DataError, build_dataset, eval_transform
+from data import DATASETS, NUM_CLASSES, DataError, build_dataset, eval_transform
 from knn import extract_features, knn_accuracy
 from model import build_backbone
 from train import HelpFormatter
@@ -35,7 +35,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("checkpoint", help="a train.py checkpoint.pth")
     a("--arch", default=None, help="if given, the checkpoint must be of this arch")
-    a("--dataset", default=None, help="default: the checkpoint's pretraining dataset")
+    a("--dataset", default=None, choices=DATASETS, help="default: the checkpoint's pretraining dataset")
     a("--data-path", default=None, help="default: the checkpoint's")
     a("--knn", action="store_true", help="weighted kNN on frozen features instead of a linear probe")
     a("--knn-k", type=int, default=200, help="kNN neighbours (InstDisc)")
@@ -105,6 +105,10 @@ def subset_from_list(dataset, list_file: str) -> list:
     """Indices of the ImageFolder samples whose file names appear in list_file (SimCLR's split files)."""
     if not os.path.isfile(list_file):
         raise ConfigError(f"--subset-list {list_file}: no such file")
+    if not hasattr(dataset, "samples"):  # split files name image files: only ImageFolder datasets have them
+        raise ConfigError(f"--subset-list needs an image-folder dataset (imagenet or folder); "
+                          f"{type(dataset).__name__} has no image files: omit --subset-list to draw "
+                          f"a class-balanced subset by --seed")
     with open(list_file) as f:
         names = {os.path.basename(line.strip()) for line in f if line.strip()}
     chosen = [i for i, (p, _) in enumerate(dataset.samples) if os.path.basename(p) in names]
@@ -263,7 +267,9 @@ def run(args, env) -> dict:
                           f"got {args.train_percent:g}")
     backbone, dim, pre, pre_epoch = load_backbone(args.checkpoint, args.arch, args.random_init, args.seed)
     if args.export:
-        export_backbone(backbone, args.export)
+        if env.main:  # one writer: every rank holds the same weights
+            export_backbone(backbone, args.export)
+        distributed.barrier()
         return {"export": args.export, "arch": pre["arch"], "stem": pre.get("stem", "auto"),
                 "image_size": pre["image_size"]}
     backbone = backbone.to(env.device)

@@ -64,7 +64,7 @@ class Positiveness(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown positiveness mode {mode!r}; choose one of {MODES}")
-        self.mode, self.gamma, self.threshold = mode, gamma, threshold
+        self.dim, self.mode, self.gamma, self.threshold = dim, mode, gamma, threshold
         if mode == "attention":
             self.f1 = nn.Linear(dim, dim, bias=False)
             self.f2 = nn.Linear(dim, dim, bias=False)
@@ -74,9 +74,9 @@ class Positiveness(nn.Module):
     def forward(self, y: torch.Tensor, neighbors: torch.Tensor) -> torch.Tensor:
         """Eq. 4: y (B, D) online projector outputs, neighbors (B, K, D) -> w (B, K)."""
         if y.dim() != 2 or neighbors.dim() != 3 or neighbors.shape[0] != y.shape[0] \
-                or neighbors.shape[2] != y.shape[1]:
-            raise ValueError(f"positiveness expects y (B, D) and neighbors (B, K, D), got "
-                             f"{tuple(y.shape)} and {tuple(neighbors.shape)}")
+                or neighbors.shape[2] != y.shape[1] or y.shape[1] != self.dim:
+            raise ValueError(f"positiveness expects y (B, D) and neighbors (B, K, D) with D = dim = "
+                             f"{self.dim}, got {tuple(y.shape)} and {tuple(neighbors.shape)}")
         B, K = neighbors.shape[:2]
         if self.mode == "cosine":
             w = cosine_positiveness(y, neighbors)

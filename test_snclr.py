@@ -189,6 +189,8 @@ def test_hard_none_and_threshold():
         Positiveness(4, "soft")
     with pytest.raises(ValueError, match="neighbors"):
         Positiveness(4)(y, torch.randn(3, 5, 4))
+    with pytest.raises(ValueError, match="dim = 6"):
+        Positiveness(6)(y, nb)  # D = 4 features into a module built for 6
 
 
 # --------------------------------------------------------------- memory queue, Eq. 3 ---
@@ -453,6 +455,7 @@ def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke") / "run"
     res = run_cli("train.py", *SMOKE, "--epochs", "2", "--output-dir", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
+    (out / "stdout.txt").write_text(res.stdout)
     return out
 
 
@@ -465,6 +468,8 @@ def test_cli_smoke_writes_log_and_checkpoint(smoke_run):
     assert ckpt["epoch"] == 2 and ckpt["args"]["arch"] == "resnet18"
     assert int(ckpt["model"]["queue.filled"]) == 32
     assert json.loads((smoke_run / "args.json").read_text())["num_neighbors"] == 2
+    summary = f"random init {lines[0]['knn_top1']:.2f}% -> after 2 epochs {lines[-1]['knn_top1']:.2f}%"
+    assert summary in (smoke_run / "stdout.txt").read_text()
 
 
 def test_vit_with_adamw_and_frozen_patch_embedding_trains(tmp_path):
@@ -522,6 +527,7 @@ def test_sigterm_saves_mid_epoch_and_resumes(tmp_path):
     assert log[-1]["epoch"] == finish
     final = torch.load(out / "checkpoint.pth", weights_only=True)
     assert final["epoch"] == finish and final["step_in_epoch"] == 0
+    assert final["knn_random_init"] == log[0]["knn_top1"]         # the baseline survives a resume
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -643,11 +649,16 @@ def test_eval_bad_input(smoke_run, tmp_path):
              ([str(tmp_path / "other.pth")], "is not a checkpoint of this project"),
              ([ckpt, "--arch", "vit_small"], "arch='resnet18' but arch='vit_small'"),
              ([ckpt, "--train-percent", "5"], "must be 1 or 10"),
-             ([ckpt, "--train-percent", "1", "--subset-list", str(tmp_path / "none.txt")], "none.txt: no such file")]
+             ([ckpt, "--train-percent", "1", "--subset-list", str(tmp_path / "none.txt")], "none.txt: no such file"),
+             ([ckpt, "--train-percent", "1", "--subset-list", str(tmp_path / "list.txt")],
+              "--subset-list needs an image-folder dataset")]
+    (tmp_path / "list.txt").write_text("n01440764_10026.JPEG\n")
     for argv, message in cases:
         res = run_cli("eval_linear.py", *argv, "--workers", "0", "--output-dir", str(tmp_path / "o"))
         assert res.returncode != 0 and message in res.stderr, (argv, res.stderr[-2000:])
         assert res.stderr.strip().count("\n") == 0, res.stderr
+    res = run_cli("eval_linear.py", ckpt, "--dataset", "mnist")
+    assert res.returncode != 0 and "invalid choice: 'mnist'" in res.stderr, res.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------- data ---
