@@ -1,5 +1,6 @@
 """The paper's ablations at equal budget: K = 0 (InfoNCE / MoCo v3), positiveness cosine /
-attention / hard / none, loss form code / paper, and K in {1, 5, 30}, several seeds each.
+attention / hard / none, loss form code / paper, and K in {1, 5, 30}, several seeds each,
+beside the untrained encoder of each seed.
 
 Every run is a plain `train.py` command (printed before it starts) followed by an
 `eval_linear.py --cache-features` linear probe of its checkpoint; the kNN top-1 is train.py's
@@ -83,16 +84,33 @@ def one_run(name: str, seed: int, args) -> dict:
             "minutes": (time.time() - start) / 60, "command": shlex.join(train)}
 
 
+def random_init_row(seed: int, args) -> dict:
+    """The untrained encoder of the same seed: kNN from train.py's own "random init" monitor
+    (the first line of every log), linear top-1 from the same probe with --random-init."""
+    out = os.path.join(args.runs, f"{args.only[0]}_s{seed}")  # any run of this seed: same arch and data
+    run([sys.executable, "eval_linear.py", os.path.join(out, "checkpoint.pth"), "--random-init",
+         "--cache-features", "--epochs", str(args.probe_epochs), "--batch-size", "256", "--lr", "0.5",
+         "--workers", "1", "--device", args.device, "--seed", str(seed)])
+    log = [json.loads(line) for line in open(os.path.join(out, "log.txt"))]
+    with open(os.path.join(out, "eval_linear_random", "results.txt")) as f:
+        linear = json.loads(f.read().splitlines()[-1])
+    return {"variant": "random-init", "seed": seed, "epochs": 0, "dataset": args.dataset,
+            "knn_random_init": log[0]["knn_top1"], "knn_top1": log[0]["knn_top1"],
+            "linear_top1": linear["top1"]}
+
+
 def summarise(rows: list) -> dict:
     """Per variant: mean, sample standard deviation, min and max over seeds."""
     table = {}
-    for name in VARIANTS:
+    for name in ("random-init", *VARIANTS):
         mine = [r for r in rows if r["variant"] == name]
         if not mine:
             continue
         entry = {"seeds": [r["seed"] for r in mine]}
         for key in ("knn_top1", "linear_top1", "knn_random_init", "w_mean", "minutes"):
-            vals = [r[key] for r in mine]
+            vals = [r[key] for r in mine if key in r]
+            if not vals:  # the random-init row has no positiveness and no training time
+                continue
             entry[key] = {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
                           "min": min(vals), "max": max(vals)}
         table[name] = entry
@@ -103,8 +121,8 @@ def markdown(table: dict) -> str:
     lines = ["| variant | kNN top-1 | linear top-1 | mean w | seeds |", "|---|---|---|---|---|"]
     for name, e in table.items():
         fmt = lambda k: f"{e[k]['mean']:.2f} ± {e[k]['std']:.2f}"  # noqa: E731
-        lines.append(f"| {name} | {fmt('knn_top1')} | {fmt('linear_top1')} | {e['w_mean']['mean']:.3f} "
-                     f"| {len(e['seeds'])} |")
+        w = f"{e['w_mean']['mean']:.3f}" if "w_mean" in e else "-"
+        lines.append(f"| {name} | {fmt('knn_top1')} | {fmt('linear_top1')} | {w} | {len(e['seeds'])} |")
     return "\n".join(lines)
 
 
@@ -113,10 +131,10 @@ def main(argv=None):
     os.makedirs(args.results, exist_ok=True)
     rows = []
     for seed in args.seeds:
-        for name in args.only:
+        for name in [*args.only, "random-init"]:  # the baseline last: it reuses a run's checkpoint
             path = os.path.join(args.results, f"ablation_{name}_s{seed}.json")
             if not os.path.exists(path):
-                row = one_run(name, seed, args)
+                row = random_init_row(seed, args) if name == "random-init" else one_run(name, seed, args)
                 with open(path + ".tmp", "w") as f:
                     json.dump(row, f, indent=2)
                 os.replace(path + ".tmp", path)  # only finished runs leave a result
