@@ -9,7 +9,7 @@ are skipped, so the sweep resumes), and RESULTS/ablations.json plus a Markdown t
 mean and spread over seeds. Budget, device and dataset are options, so the same sweep runs on
 CIFAR or on a GPU:
 
-    python ablations.py --epochs 2 --seeds 0 1                        # the CPU sweep in README.md
+    python ablations.py --epochs 2 --seeds 0 1 2                      # the CPU sweep in README.md
     python ablations.py --dataset cifar10 --epochs 200 --device cuda \\
         --train-args "--arch resnet18 --batch-size 512 --queue-size 4096 --workers 8"
 """

@@ -77,7 +77,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--optimizer", default=None, choices=("lars", "adamw", "sgd"), help="default lars for ResNets, adamw for ViTs")
     a("--lr", type=float, default=None, help="base lr, scaled by batch-size / 256; default 0.6 "
       "(ResNet, LARS) or 1.5e-4 (ViT, AdamW) as in MoCo v3")
-    a("--weight-decay", type=float, default=None, help="default 1e-6 ResNets, 0.1 ViTs (MoCo v3)")
+    a("--weight-decay", type=float, default=None, help="default 1e-6 ResNets, 0.1 ViTs (MoCo v3); "
+      "biases and norm weights are never decayed, with any optimizer")
     a("--amp", default="bf16", choices=("bf16", "fp16", "none"), help="mixed precision on CUDA (CPU runs fp32)")
     # data
     a("--dataset", default="imagenet", choices=DATASETS, help="imagenet and folder read DATA_PATH/train "
