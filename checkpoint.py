@@ -1,7 +1,7 @@
 """Checkpoints: plain tensors and dicts, written atomically, read with weights_only=True.
 
 train.py's checkpoint.pth holds {"model", "optimizer", "scaler", "epoch", "step_in_epoch",
-"args"}; eval_linear.py's its own classifier state. Anything that is not such a file, is
+"knn_random_init", "args"}; eval_linear.py's its own classifier state. Anything that is not such a file, is
 truncated, or describes another model fails with one ConfigError line naming what was expected.
 """
 import json
