@@ -1,36 +1,78 @@
-"""Checkpoints: plain tensors and dicts, written atomically, read with weights_only=True.
+"""A run's files: checkpoints (plain tensors and dicts, written atomically, read with
+weights_only=True), the JSON-lines log, the lock that keeps two runs out of one folder, and the
+rule for which options a resumed run may change.
 
 train.py's checkpoint.pth holds {"model", "optimizer", "scaler", "epoch", "step_in_epoch",
-"knn_random_init", "args"}; eval_linear.py's its own classifier state. Anything that is not such a file, is
-truncated, or describes another model fails with one ConfigError line naming what was expected.
+"world_size", "knn_random_init", "args"}; eval_linear.py's its own classifier state. Anything
+that is not such a file, is truncated, or describes another model fails with one ConfigError
+line naming what was expected.
 """
+import errno
+import fcntl
 import json
 import os
+import shutil
 
 import torch
 
 
 class ConfigError(Exception):
-    """Bad options or an unusable checkpoint; the message names the value and what is allowed."""
+    """Bad options, an unusable checkpoint or a run folder that cannot be written; the message
+    names the value and what is allowed."""
+
+
+def state_bytes(state) -> int:
+    """Bytes of the tensors in a (nested) checkpoint dict: about the size of its file."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Plain tensors and dicts (loadable with weights_only=True), written atomically."""
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)  # a crash mid-write never leaves a truncated file behind
+    """Plain tensors and dicts (loadable with weights_only=True), written atomically: to
+    PATH.tmp, then renamed, so a crash or a full disk never leaves a truncated PATH behind.
+
+    A failed write removes PATH.tmp and raises one ConfigError line; a full disk says so and
+    how much room the save needs (the old checkpoint stays until the new one is complete).
+    """
+    tmp = path + ".tmp"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk surfaces as a RuntimeError from torch's writer
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        folder = os.path.dirname(os.path.abspath(path))
+        need, free = state_bytes(state), shutil.disk_usage(folder).free
+        if getattr(e, "errno", None) == errno.ENOSPC or "write failed" in str(e) or free < need:
+            raise ConfigError(f"no space left on {folder}: saving {os.path.basename(path)} needs about "
+                              f"{need / 2**20:.0f} MiB free beside the previous checkpoint, "
+                              f"{free / 2**20:.0f} MiB are; free some space and rerun to resume") from None
+        raise ConfigError(f"cannot write {path}: {' '.join(str(e).split())}") from None
 
 
 def load_checkpoint(path: str, expect: dict = None, required=("model", "optimizer", "epoch", "args")) -> dict:
     """Read a checkpoint with weights_only=True; ConfigError with one clear line if it is unusable.
 
-    expect maps args entries to the values this run needs (e.g. {"arch": "resnet50"}).
+    expect maps args entries to the values the caller needs (e.g. {"arch": "resnet50"}).
     """
+    if os.path.isdir(path):
+        raise ConfigError(f"checkpoint {path} is a directory; give the checkpoint file (e.g. {path}/checkpoint.pth)")
     if not os.path.isfile(path):
         raise ConfigError(f"checkpoint {path}: no such file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or an unsafe pickle
-        raise ConfigError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}")
+    except Exception as e:  # truncated, not a torch file, or a pickle of arbitrary objects
+        # torch's message advises weights_only=False: unsafe, and never right for this project's files
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in str(e):
+            reason = "it holds objects other than plain tensors and dicts"
+        raise ConfigError(f"cannot read checkpoint {path}: {reason}; it is not a checkpoint written "
+                          f"by this project (or it is damaged)") from None
     if not isinstance(ckpt, dict) or not set(required) <= set(ckpt):
         raise ConfigError(f"{path} is not a checkpoint of this project (expected keys {', '.join(required)})")
     for key, want in (expect or {}).items():
@@ -48,7 +90,90 @@ def load_state(module, state: dict, what: str) -> None:
         raise ConfigError(f"{what} does not fit: {str(e).splitlines()[0]}") from None
 
 
+# Options a resumed run may change freely: they only affect output, monitoring, speed or when
+# this launch stops. Any other difference from the checkpoint's options is refused unless
+# --allow-changed-args is given.
+FREE_ON_RESUME = ("output_dir", "resume", "workers", "print_freq", "compile", "knn_every", "knn_k", "knn_t",
+                  "knn_train_size", "knn_test_size", "epochs", "stop_after_epoch", "allow_changed_args",
+                  "strict_data")
+
+
+def changed_args(saved: dict, current: dict) -> list[str]:
+    """'name: saved -> current' for every option (outside FREE_ON_RESUME) that differs."""
+    missing = "(absent)"
+    return [f"{k}: {saved.get(k, missing)!r} -> {current.get(k, missing)!r}"
+            for k in sorted(set(saved) | set(current))
+            if k not in FREE_ON_RESUME and saved.get(k, missing) != current.get(k, missing)]
+
+
+def check_resume(ckpt: dict, path: str, args: dict, world_size: int, allow: bool) -> list[str]:
+    """Refuse (ConfigError) a resume that would silently change the run; return the accepted
+    differences (allow=True) so the caller can print and log them.
+
+    A mid-epoch resume with another global batch or world size is refused even with allow:
+    it would skip the wrong samples of the interrupted epoch.
+    """
+    saved_world = ckpt.get("world_size", world_size)
+    if ckpt.get("step_in_epoch", 0) and (ckpt["args"].get("batch_size") != args["batch_size"]
+                                          or saved_world != world_size):
+        raise ConfigError(f"{path} stopped inside epoch {ckpt['epoch'] + 1} with --batch-size "
+                          f"{ckpt['args'].get('batch_size')} on {saved_world} processes; a mid-epoch resume "
+                          f"needs the same batch size and number of processes (got {args['batch_size']} "
+                          f"on {world_size})")
+    diff = changed_args(ckpt["args"], args)
+    if diff and not allow:
+        raise ConfigError(f"{path} was written with other options: {'; '.join(diff)}. Rerun with the "
+                          f"checkpoint's options, another --output-dir, or --allow-changed-args")
+    return diff
+
+
+class RunLock:
+    """An exclusive lock on OUTPUT/.lock held for the life of a run, so a second run on the same
+    folder is refused instead of interleaving log.txt and checkpoint.pth.tmp. It is an flock:
+    the operating system releases it when the process ends, even after a crash or kill -9."""
+
+    def __init__(self, folder: str):
+        self.path = os.path.join(folder, ".lock")
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            owner = self.file.read().strip() or "another process"
+            self.file.close()
+            raise ConfigError(f"{folder} is in use by a running training (pid {owner}); wait for it, "
+                              f"stop it, or choose another --output-dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+
+    def release(self) -> None:
+        if not self.file.closed:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+
+
+def prepare_output_dir(folder: str) -> None:
+    """Create the run folder; ConfigError if it is a file or cannot be written."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ConfigError(f"--output-dir {folder} is a file, not a folder; choose another --output-dir")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create --output-dir {folder}: {e.strerror}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output-dir {folder} is not writable; choose another --output-dir")
+
+
 def append_json(path: str, entry: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(entry) + "\n")
 
+
+def read_log(path: str) -> list[dict]:
+    """log.txt's JSON lines (a run resumed after a failed save may repeat an epoch: the last wins)."""
+    with open(path) as f:
+        entries = [json.loads(line) for line in f if line.strip()]
+    last = {e["epoch"]: e for e in entries}
+    return [last[epoch] for epoch in sorted(last)]

@@ -4,16 +4,21 @@ Datasets: cifar10, cifar100 (torchvision, downloaded when a network exists), ima
 `folder` (ImageFolder over DATA_PATH/train and DATA_PATH/val), fashion-mnist (read straight from
 the IDX files, .gz or not, so Debian's `dataset-fashion-mnist` package works offline) and `fake`
 (torchvision FakeData, for smoke tests).
+
+The PIL transforms here are the readable reference of the augmentations and the CPU default;
+augment.py holds the same ops batched on the device, and loaders.py chooses between them.
 """
 import gzip
 import itertools
+import multiprocessing
 import os
 import signal
+import sys
 import urllib.error
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from torchvision import datasets, transforms
 
 DATASETS = ("imagenet", "cifar10", "cifar100", "fashion-mnist", "folder", "fake")
@@ -26,6 +31,7 @@ MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
             "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
             "fashion-mnist": ((0.2860,) * 3, (0.3530,) * 3)}
 FASHION_MNIST_DEB = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
+SMALL_IMAGE = 64  # at or below this side: no blur (and model.py picks the small-image stems)
 
 
 class DataError(Exception):
@@ -33,6 +39,23 @@ class DataError(Exception):
 
 
 # ---------------------------------------------------------------- augmentations (MoCo v3) ---
+# BYOL's asymmetric pair, as MoCo v3 uses it: (blur probability, solarize probability) per view.
+VIEW_PROBS = ((1.0, 0.0), (0.1, 0.2))
+
+
+class PILGaussianBlur:
+    """MoCo v3's blur: PIL's ImageFilter.GaussianBlur with sigma uniform in [0.1, 2.0] (SimCLR).
+    PIL blurs in integer arithmetic with box-filter passes: about 20x faster than a float
+    tensor convolution on a 500x375 image, and what MoCo v3 runs."""
+
+    def __init__(self, sigma=(0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        sigma = self.sigma[0] + (self.sigma[1] - self.sigma[0]) * torch.rand(()).item()
+        return img.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+
 def two_view_transforms(dataset: str, image_size: int, crop_min: float = 0.08):
     """The asymmetric BYOL / MoCo v3 views: (transform of view 1, transform of view 2).
 
@@ -41,7 +64,6 @@ def two_view_transforms(dataset: str, image_size: int, crop_min: float = 0.08):
     Small images (<= 64 px) get no blur (a 3x3 blur of a 32 px image mostly erases it).
     Grayscale datasets are made 3-channel first, so every backbone sees RGB.
     """
-    small = image_size <= 64
     mean, std = MEAN_STD.get(dataset, IMAGENET_MEAN_STD)
 
     def view(blur_p: float, solarize_p: float):
@@ -49,15 +71,29 @@ def two_view_transforms(dataset: str, image_size: int, crop_min: float = 0.08):
         ops += [transforms.RandomResizedCrop(image_size, scale=(crop_min, 1.0)),
                 transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
                 transforms.RandomGrayscale(p=0.2)]
-        if not small:  # kernel ~10% of the side, sigma in [0.1, 2] as in SimCLR / MoCo v3
-            kernel = 2 * (image_size // 20) + 1
-            ops.append(transforms.RandomApply([transforms.GaussianBlur(kernel, (0.1, 2.0))], p=blur_p))
+        if image_size > SMALL_IMAGE:
+            ops.append(transforms.RandomApply([PILGaussianBlur()], p=blur_p))
         ops += [transforms.RandomSolarize(128, p=solarize_p),
                 transforms.RandomHorizontalFlip(),
                 transforms.ToTensor(), transforms.Normalize(mean, std)]
         return transforms.Compose(ops)
 
-    return view(blur_p=1.0, solarize_p=0.0), view(blur_p=0.1, solarize_p=0.2)
+    return tuple(view(blur_p, solarize_p) for blur_p, solarize_p in VIEW_PROBS)
+
+
+class CropToUint8:
+    """The worker side of the batched path: RandomResizedCrop(scale crop_min..1) and flip in
+    PIL, then a uint8 (3, size, size) tensor. Colour, blur, solarize and normalisation run on
+    the device (augment.py), where they are cheap; decoding and cropping stay in the workers
+    because they shrink the image (a 500x375 JPEG becomes 224x224) before it crosses to the GPU."""
+
+    def __init__(self, image_size: int, crop_min: float):
+        self.crop = transforms.Compose([transforms.RandomResizedCrop(image_size, scale=(crop_min, 1.0)),
+                                        transforms.RandomHorizontalFlip()])
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        array = np.array(self.crop(img.convert("RGB")), dtype=np.uint8)         # (size, size, 3)
+        return torch.from_numpy(array).permute(2, 0, 1)                         # (3, size, size)
 
 
 class TwoViews:
@@ -86,12 +122,18 @@ def eval_transform(dataset: str, image_size: int, train: bool = False):
 # ---------------------------------------------------------------------------- datasets ---
 def read_idx(path: str) -> np.ndarray:
     """An IDX file (the MNIST format; gzip or not) as a uint8 array."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        data = f.read()
-    if data[:2] != b"\0\0" or data[2] != 0x08:
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:  # a truncated or corrupt .gz
+        raise DataError(f"cannot read {path} ({e}); it is damaged: reinstall or replace it") from None
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
         raise DataError(f"{path} is not an unsigned-byte IDX file")
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    if len(data) != 4 + 4 * ndim + int(np.prod(shape)):
+        raise DataError(f"{path} holds {len(data) - 4 - 4 * ndim} bytes of data but its header "
+                        f"promises {shape}: the file is truncated; reinstall or replace it")
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -154,7 +196,50 @@ def build_dataset(name: str, root: str, train: bool, transform, download: bool =
     if not os.path.isdir(folder):
         raise DataError(f"--dataset {name} expects ImageFolder directories {root}/train and "
                         f"{root}/val (one sub-folder per class); {folder!r} does not exist")
-    return datasets.ImageFolder(folder, transform)
+    try:
+        return datasets.ImageFolder(folder, transform)
+    except FileNotFoundError as e:  # no class folders, or no image in them
+        raise DataError(f"{folder} holds no images in class sub-folders ({_flat(e)})") from None
+
+
+def _flat(error: BaseException) -> str:
+    """An error message on one line (PIL and torchvision messages can span several)."""
+    return " ".join(str(error).split())
+
+
+class SkipUnreadable(torch.utils.data.Dataset):
+    """A dataset whose unreadable images (a truncated JPEG, a file that is not an image) are
+    replaced by the next readable one and counted, with a warning naming the file: ImageNet's
+    training set has a few such files, and one should not end a 300-epoch run. strict=True
+    (evaluation sets, or --strict-data) instead stops with a DataError naming the file.
+
+    The count lives in shared memory, so increments made in DataLoader workers are seen here.
+    """
+
+    def __init__(self, dataset, strict: bool = False):
+        self.dataset, self.strict = dataset, strict
+        self.skipped = multiprocessing.get_context().Value("l", 0)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def path(self, i: int) -> str:
+        samples = getattr(self.dataset, "samples", None)
+        return samples[i][0] if samples else f"item {i} of {type(self.dataset).__name__}"
+
+    def __getitem__(self, i: int):
+        for j in range(i, i + len(self.dataset)):
+            j %= len(self.dataset)
+            try:
+                return self.dataset[j]
+            except (OSError, SyntaxError) as e:  # what PIL raises for damaged image files
+                if self.strict:
+                    raise DataError(f"cannot read image {self.path(j)}: {_flat(e)}") from None
+                print(f"warning: skipping unreadable training image {self.path(j)}: {_flat(e)}",
+                      file=sys.stderr)
+                with self.skipped.get_lock():
+                    self.skipped.value += 1
+        raise DataError(f"no image of {type(self.dataset).__name__} can be read")
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -162,11 +247,11 @@ class EpochSampler(torch.utils.data.Sampler):
     so a run resumed mid-epoch sees exactly the batches it had not trained on yet."""
 
     def __init__(self, base: torch.utils.data.DistributedSampler):
-        self.base, self.skip = base, 0
+        self.base, self.skip, self.epoch = base, 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.base.set_epoch(epoch)
-        self.skip = skip
+        self.epoch, self.skip = epoch, skip
 
     def __iter__(self):
         return itertools.islice(iter(self.base), self.skip, None)
@@ -181,9 +266,12 @@ def ignore_sigterm(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def fixed_subset(dataset, size: int, seed: int = 0):
-    """A fixed random subset of `size` items (all of them when size <= 0 or >= len)."""
-    if size <= 0 or size >= len(dataset):
+def fixed_subset(dataset, size: int, seed: int = 0, what: str = "--subset"):
+    """A fixed random subset of `size` items (all of them when size is 0 or len(dataset))."""
+    if size > len(dataset):
+        raise DataError(f"{what} {size} is larger than the data set ({len(dataset)} images); "
+                        f"use at most {len(dataset)}, or 0 for all")
+    if size <= 0 or size == len(dataset):
         return dataset
     idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size]
     return torch.utils.data.Subset(dataset, idx.tolist())

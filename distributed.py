@@ -32,7 +32,7 @@ def init_distributed(device: str = "auto") -> Env:
     if device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"unknown device {device!r}; choose auto, cuda or cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA device is visible")
+        raise ValueError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -86,6 +86,17 @@ def average_batchnorm_stats(model: torch.nn.Module) -> None:
             for buf in (m.running_mean, m.running_var):
                 dist.all_reduce(buf)
                 buf.div_(world_size())
+
+
+def all_ok(ok: bool, device: torch.device = torch.device("cpu")) -> bool:
+    """True on every rank iff `ok` is True on every rank (so a failure on one rank, e.g. rank 0
+    failing to save, stops all of them instead of leaving the others waiting in a collective).
+    On nccl the flag must live on the GPU: pass the rank's device."""
+    if world_size() == 1:
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0], device=device)
+    dist.all_reduce(flag)
+    return flag.item() == 0
 
 
 def barrier() -> None:

@@ -26,7 +26,7 @@ from checkpoint import ConfigError, append_json, load_checkpoint, load_state, sa
 from data import DATASETS, NUM_CLASSES, DataError, build_dataset, eval_transform
 from knn import extract_features, knn_accuracy
 from model import build_backbone
-from train import HelpFormatter
+from cli import HelpFormatter
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -6,17 +6,29 @@ Conventions shared by both functions (see ../shared/SNCLR.md, "Notation"):
   rank     the positive key of local row b is keys[rank * B + b]
 Every dot product is a cosine: inputs are L2-normalised here, whatever the caller passed.
 The losses are means over the local batch and do *not* include MoCo v3's 2*tau factor; the
-model applies it to the symmetric sum (model.py, SNCLR.forward).
+model applies it to the symmetric sum (model.py, SNCLR.forward). They compute in at least
+float32 (bf16 cosines are off by about 1 %) and in float64 when given float64, so a reader can
+check them against a float64 reference to 1e-12.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
 FORMS = ("code", "paper")
 
 
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float32, or float64 when any input is float64: never below float32 (mixed precision)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def _check(z: torch.Tensor, keys: torch.Tensor, tau: float, rank: int) -> None:
-    if not tau > 0:
-        raise ValueError(f"temperature tau must be > 0, got {tau}")
+    if not (tau > 0 and math.isfinite(tau)):
+        raise ValueError(f"temperature tau must be a finite number > 0, got {tau}")
     if z.dim() != 2 or keys.dim() != 2 or z.shape[1] != keys.shape[1]:
         raise ValueError(f"expected z (B, D) and keys (N, D) with the same D, got "
                          f"{tuple(z.shape)} and {tuple(keys.shape)}")
@@ -33,7 +45,8 @@ def info_nce(z: torch.Tensor, keys: torch.Tensor, tau: float, rank: int = 0) -> 
     z (B, D), keys (N, D), g(b) = rank * B + b  ->  scalar.
     """
     _check(z, keys, tau, rank)
-    z, keys = F.normalize(z.float(), dim=1), F.normalize(keys.float(), dim=1)
+    dtype = compute_dtype(z, keys)
+    z, keys = F.normalize(z.to(dtype), dim=1), F.normalize(keys.to(dtype), dim=1)
     B = z.shape[0]
     logits = z @ keys.T / tau                                          # (B, N)
     positives = rank * B + torch.arange(B, device=z.device)            # (B,) = g(b)
@@ -49,8 +62,9 @@ def candidate_log_probs(z: torch.Tensor, keys: torch.Tensor, neighbors: torch.Te
     them. z (B, D), keys (N, D), neighbors (N, K, D)  ->  (B, K + 1).
     """
     N, K1, D = keys.shape[0], neighbors.shape[1] + 1, keys.shape[1]
-    z = F.normalize(z.float(), dim=1)                                            # (B, D)
-    candidates = torch.cat([keys.float()[:, None], neighbors.float()], dim=1)    # (N, K+1, D)
+    dtype = compute_dtype(z, keys, neighbors)
+    z = F.normalize(z.to(dtype), dim=1)                                                 # (B, D)
+    candidates = torch.cat([keys.to(dtype)[:, None], neighbors.to(dtype)], dim=1)      # (N, K+1, D)
     candidates = F.normalize(candidates, dim=2).reshape(N * K1, D)              # (N*(K+1), D)
     log_p = (z @ candidates.T / tau).log_softmax(dim=1)                         # (B, N*(K+1))
     B = z.shape[0]
@@ -83,7 +97,8 @@ def snclr_loss(z: torch.Tensor, keys: torch.Tensor, neighbors: torch.Tensor,
     if tuple(weights.shape) != (B, K):
         raise ValueError(f"weights must have shape (B={B}, K={K}), got {tuple(weights.shape)}")
     own = candidate_log_probs(z, keys, neighbors, tau, rank)                # (B, K+1)
-    w = weights.float()                                                     # (B, K)
+    dtype = compute_dtype(own, weights)
+    own, w = own.to(dtype), weights.to(dtype)                               # (B, K+1), (B, K)
     if form == "code":
         return -(own[:, 0] + (w * own[:, 1:]).sum(dim=1)).mean()
     # paper: log(p0 + sum_i w_i p_i) = logsumexp(log p0, log w_i + log p_i), stable for small p.

@@ -9,6 +9,11 @@ Unlike the released code, which starts each GPU's bank from random vectors and n
 synchronises it, this queue starts empty, searches only the slots that hold real keys, and is
 fed the keys gathered over all ranks, so it is the same tensor on every rank. Its state lives
 in persistent buffers, so `model.state_dict()` checkpoints it.
+
+Beside each key the queue keeps the class label of its image (-1 when unknown). SNCLR never
+reads them: the search and the loss see only the features (a test checks that the loss does
+not depend on them). They exist for the neighbour-quality monitor (neighbour_monitor.py),
+which asks how many of the neighbours share the query's class.
 """
 import torch
 import torch.nn as nn
@@ -20,10 +25,12 @@ class MemoryQueue(nn.Module):
 
     Buffers (all persistent, hence checkpointed):
       features (size, dim) the entries; only rows [0, filled) are meaningful
+      labels   (size,)     class label of each entry's image, -1 if unknown (monitoring only)
       ptr      ()          the next row to write
       filled   ()          how many rows hold real keys (grows to `size`, then stays)
     Rows are written in order 0, 1, 2, ... and wrap around, so the filled rows are always the
-    prefix [0, filled).
+    prefix [0, filled). The fill level is also kept as a Python int, so the training step can
+    ask for it without waiting on the GPU (reading `filled` would synchronise host and device).
     """
 
     def __init__(self, size: int, dim: int):
@@ -32,18 +39,25 @@ class MemoryQueue(nn.Module):
             raise ValueError(f"MemoryQueue needs size >= 1 and dim >= 1, got size={size}, dim={dim}")
         self.size, self.dim = size, dim
         self.register_buffer("features", torch.zeros(size, dim))
+        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        self._filled = 0  # host copy of `filled`
 
     def __len__(self) -> int:
-        return int(self.filled)
+        return self._filled
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._filled = int(self.filled)  # a checkpoint load is the one place the host must ask
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        """Write keys (n, dim) after the newest entry, overwriting the oldest ones (FIFO).
+    def enqueue(self, keys: torch.Tensor, labels: torch.Tensor = None) -> None:
+        """Write keys (n, dim) and their labels (n,) after the newest entry, overwriting the
+        oldest ones (FIFO).
 
         The rows written are (ptr + 0 .. n-1) mod size, so a batch that runs past the end of the
-        buffer wraps to its start; n need not divide `size`.
+        buffer wraps to its start; n need not divide `size`. labels=None stores -1 (unknown).
         """
         if keys.dim() != 2 or keys.shape[1] != self.dim:
             raise ValueError(f"enqueue expects keys of shape (n, {self.dim}), got {tuple(keys.shape)}")
@@ -51,21 +65,25 @@ class MemoryQueue(nn.Module):
         if n > self.size:
             raise ValueError(f"cannot enqueue {n} keys into a queue of size {self.size}; "
                              f"use a queue at least as large as the global batch")
-        rows = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.size  # (n,)
-        self.features[rows] = F.normalize(keys.detach().float(), dim=1)           # (n, dim)
+        if labels is not None and tuple(labels.shape) != (n,):
+            raise ValueError(f"enqueue expects labels of shape ({n},), got {tuple(labels.shape)}")
+        rows = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.size    # (n,)
+        self.features[rows] = F.normalize(keys.detach().to(self.features.dtype), dim=1)  # (n, dim)
+        self.labels[rows] = -1 if labels is None else labels.to(self.labels)        # (n,)
         self.ptr.copy_((self.ptr + n) % self.size)
         self.filled.copy_(torch.clamp(self.filled + n, max=self.size))
+        self._filled = min(self._filled + n, self.size)
 
     @torch.no_grad()
     def nearest_indices(self, query: torch.Tensor, k: int) -> torch.Tensor:
         """Rows of the k entries with the largest cosine to each query: (B, dim) -> (B, k)."""
         if query.dim() != 2 or query.shape[1] != self.dim:
             raise ValueError(f"query must have shape (B, {self.dim}), got {tuple(query.shape)}")
-        filled = int(self.filled)
+        filled = self._filled
         if not 0 <= k <= filled:
             raise ValueError(f"asked for k={k} neighbours but the queue holds {filled} entries "
                              f"(size {self.size}); k must be in [0, {filled}]")
-        q = F.normalize(query.detach().float(), dim=1)     # (B, dim)
+        q = F.normalize(query.detach().to(self.features.dtype), dim=1)  # (B, dim)
         sim = q @ self.features[:filled].T                 # (B, filled) cosines: entries are unit
         return sim.topk(k, dim=1).indices                  # (B, k), most similar first
 

@@ -11,10 +11,12 @@ there, in order, and none happens inside `forward`:
     loss   = model(x1, x2, k1_all, k2_all, n1_all, n2_all, rank)  # Eq. 4 + Eq. 2, symmetric
     loss.backward(); optimizer.step()
     model.momentum_update(m)                                      # EMA of f, g into f', g'
-    model.queue.enqueue(k2_all)                                   # FIFO, view-2 keys only
+    model.queue.enqueue(k2_all, labels_all)                       # FIFO, view-2 keys only
 
 With K = 0 (or while the queue holds fewer than K keys) the loss is Eq. 1, so the same model
-is the MoCo v3 baseline.
+is the MoCo v3 baseline. The networks are built and initialised as MoCo v3 builds them:
+ResNets with zero-initialised last BN of each residual branch, ViTs with a fixed 2-D sin-cos
+position embedding and MoCo v3's initialisation (see `init_vit_as_mocov3`).
 """
 import copy
 import math
@@ -24,7 +26,7 @@ import torch.nn as nn
 import torchvision
 from torchvision.models.vision_transformer import VisionTransformer
 
-from loss import FORMS, snclr_loss
+from loss import FORMS, compute_dtype, snclr_loss
 from memory_queue import MemoryQueue
 from positiveness import Positiveness
 
@@ -44,7 +46,9 @@ def build_backbone(arch: str, image_size: int = 224, stem: str = "auto") -> tupl
     still gives 32x32 maps / 64 tokens. stem="imagenet": torchvision's own (7x7 stride-2 conv +
     max-pool, 16x16 patches); on 28 px images it runs ~10x faster than the small stem on a CPU.
     The classifier (ResNet `fc`, ViT `heads`) is an Identity, so the state dict is
-    torchvision's minus the classifier.
+    torchvision's minus the classifier. Initialisation follows MoCo v3: ResNets with
+    zero_init_residual=True (each residual branch starts as the identity, Goyal et al. 2017),
+    ViTs as in `init_vit_as_mocov3`.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
@@ -52,9 +56,10 @@ def build_backbone(arch: str, image_size: int = 224, stem: str = "auto") -> tupl
         raise ValueError(f"unknown stem {stem!r}; choose one of {STEMS}")
     small = stem == "small" or (stem == "auto" and image_size <= SMALL_IMAGE)
     if arch in RESNETS:
-        net = getattr(torchvision.models, arch)()
+        net = getattr(torchvision.models, arch)(zero_init_residual=True)
         if small:
             net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's
             net.maxpool = nn.Identity()
         dim = net.fc.in_features
         net.fc = nn.Identity()
@@ -66,7 +71,55 @@ def build_backbone(arch: str, image_size: int = 224, stem: str = "auto") -> tupl
                          f"got {image_size}")
     net = VisionTransformer(image_size, patch, layers, heads, width, 4 * width)
     net.heads = nn.Identity()
+    init_vit_as_mocov3(net, patch)
     return net, width
+
+
+def sincos_position_embedding(grid: int, width: int, temperature: float = 10000.0) -> torch.Tensor:
+    """MoCo v3's fixed 2-D sin-cos position embedding: (1, 1 + grid * grid, width).
+
+    Patch (r, c) of the grid x grid patches (row-major, as ViT orders its tokens) gets, with
+    omega_d = temperature^(-d / (width / 4)) for d = 0 .. width/4 - 1,
+        [sin(r omega), cos(r omega), sin(c omega), cos(c omega)];
+    the class token gets zeros. Not learned (MoCo v3 found no gain in learning it).
+    """
+    if width % 4:
+        raise ValueError(f"a 2-D sin-cos position embedding needs a width divisible by 4, got {width}")
+    d = width // 4
+    omega = 1.0 / temperature ** (torch.arange(d, dtype=torch.float64) / d)         # (d,)
+    r, c = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")    # (grid, grid)
+    r_om = r.flatten()[:, None] * omega                                             # (grid^2, d)
+    c_om = c.flatten()[:, None] * omega                                             # (grid^2, d)
+    patches = torch.cat([r_om.sin(), r_om.cos(), c_om.sin(), c_om.cos()], dim=1)    # (grid^2, width)
+    return torch.cat([torch.zeros(1, width, dtype=torch.float64), patches])[None].float()
+
+
+@torch.no_grad()
+def init_vit_as_mocov3(net: VisionTransformer, patch: int) -> None:
+    """MoCo v3's ViT initialisation, on torchvision's VisionTransformer.
+
+    - position embedding: the fixed 2-D sin-cos one (no gradient);
+    - class token N(0, 1e-6);
+    - attention in_proj (q, k, v stacked): xavier-uniform per q / k / v block, i.e. bound
+      sqrt(6 / (width + width)) (torchvision stacks the three maps MoCo v3 calls qkv);
+    - every other Linear xavier-uniform, biases zero;
+    - patch embedding xavier-uniform over its flattened fan: bound sqrt(6 / (3 p^2 + width)).
+    """
+    width = net.hidden_dim
+    net.encoder.pos_embedding.copy_(sincos_position_embedding(net.image_size // patch, width))
+    net.encoder.pos_embedding.requires_grad_(False)
+    nn.init.normal_(net.class_token, std=1e-6)
+    for module in net.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            bound = math.sqrt(6.0 / (width + width))  # each of q, k, v: (width, width)
+            nn.init.uniform_(module.in_proj_weight, -bound, bound)
+            nn.init.zeros_(module.in_proj_bias)
+        elif isinstance(module, nn.Linear):  # out_proj and the MLPs
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+    bound = math.sqrt(6.0 / (3 * patch * patch + width))
+    nn.init.uniform_(net.conv_proj.weight, -bound, bound)
+    nn.init.zeros_(net.conv_proj.bias)
 
 
 def build_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int,
@@ -102,10 +155,11 @@ class SNCLR(nn.Module):
     def __init__(self, arch: str = "resnet50", image_size: int = 224, dim: int = 256,
                  mlp_dim: int = 4096, tau: float = 0.2, num_neighbors: int = 30,
                  queue_size: int = 65536, positiveness: str = "cosine", loss_form: str = "code",
-                 threshold: bool = False, stop_grad_patch: bool = False, stem: str = "auto"):
+                 threshold: bool = False, stop_grad_patch: bool = False, stem: str = "auto",
+                 positiveness_t: float = 1.0, learn_gamma: bool = False):
         super().__init__()
-        if not tau > 0:
-            raise ValueError(f"temperature tau must be > 0, got {tau}")
+        if not (tau > 0 and math.isfinite(tau)):
+            raise ValueError(f"temperature tau must be a finite number > 0, got {tau}")
         if not 0 <= num_neighbors <= queue_size:
             raise ValueError(f"num_neighbors K={num_neighbors} must be in [0, queue_size="
                              f"{queue_size}]: the neighbours are searched in the queue")
@@ -122,7 +176,7 @@ class SNCLR(nn.Module):
         self.momentum_projector = copy.deepcopy(self.projector)                      # g'
         for p in self.momentum_parameters():
             p.requires_grad_(False)
-        self.positiveness = Positiveness(dim, positiveness, threshold=threshold)    # Eq. 4
+        self.positiveness = Positiveness(dim, positiveness, positiveness_t, learn_gamma, threshold)  # Eq. 4
         self.queue = MemoryQueue(queue_size, dim)                                    # C, Eq. 3
 
     def online_parameters(self):
@@ -138,35 +192,49 @@ class SNCLR(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self, m: float) -> None:
-        """EMA: theta' <- m * theta' + (1 - m) * theta, for f' and g' (MoCo, BYOL)."""
-        for online, target in zip(self.online_parameters(), self.momentum_parameters()):
-            target.mul_(m).add_(online.detach(), alpha=1.0 - m)
+        """EMA: theta' <- m * theta' + (1 - m) * theta, for f' and g' (MoCo, BYOL).
+
+        Written as theta' + (1 - m) (theta - theta') (one fused lerp over all tensors): the same
+        formula, and a frozen tensor (theta = theta') stays bit-identical.
+        """
+        torch._foreach_lerp_(self.momentum_parameters(), self.online_parameters(), 1.0 - m)
 
     def neighbors_ready(self) -> int:
         """K if the queue already holds K keys, else 0 (then the loss is plain Eq. 1)."""
         return self.num_neighbors if len(self.queue) >= self.num_neighbors else 0
 
     def forward(self, x1, x2, keys1, keys2, neighbors1, neighbors2, rank: int = 0):
-        """Symmetric SNCLR loss 2 * tau * (L(z1; k2) + L(z2; k1)) and detached statistics.
+        """Symmetric SNCLR loss 2 * tau * (L(z1; k2) + L(z2; k1)) and the positiveness w.
 
         x1, x2 (B, 3, H, W) this rank's two views; keys1, keys2 (N, dim) momentum keys gathered
         over ranks; neighbors1, neighbors2 (N, K, dim) their neighbours in the queue (Eq. 3).
-        The 2 * tau factor is MoCo v3's: it makes the gradient scale independent of tau.
+        Returns (loss, w) with w (2B, K) detached: rows 0..B-1 weigh view 1's neighbours NN(k2),
+        rows B..2B-1 view 2's NN(k1) (for monitoring). The 2 * tau factor is MoCo v3's: it makes
+        the gradient scale independent of tau.
         """
         B = x1.shape[0]
         own = slice(rank * B, (rank + 1) * B)                  # this rank's rows of the gathers
         y1 = self.projector(self.backbone(x1))                 # (B, dim) online projections
         y2 = self.projector(self.backbone(x2))                 # (B, dim)
         z1, z2 = self.predictor(y1), self.predictor(y2)        # (B, dim) queries
-        # Eq. 4 and Eq. 2 in fp32 even under mixed precision: bf16 cosines are off by ~1 %.
+        # Eq. 4 and Eq. 2 in at least fp32 even under mixed precision: bf16 cosines are off by ~1 %.
         with torch.autocast(x1.device.type, enabled=False):
-            y1, y2, z1, z2 = y1.float(), y2.float(), z1.float(), z2.float()
-            w1 = self.positiveness(y1, neighbors2[own].float())  # (B, K) Eq. 4, view 1 vs NN(k2)
-            w2 = self.positiveness(y2, neighbors1[own].float())  # (B, K) Eq. 4, view 2 vs NN(k1)
+            dtype = compute_dtype(y1, keys1)
+            y1, y2, z1, z2 = y1.to(dtype), y2.to(dtype), z1.to(dtype), z2.to(dtype)
+            w1 = self.positiveness(y1, neighbors2[own].to(dtype))  # (B, K) Eq. 4, view 1 vs NN(k2)
+            w2 = self.positiveness(y2, neighbors1[own].to(dtype))  # (B, K) Eq. 4, view 2 vs NN(k1)
             loss = 2 * self.tau * (
                 snclr_loss(z1, keys2, neighbors2, w1, self.tau, rank, self.loss_form)
                 + snclr_loss(z2, keys1, neighbors1, w2, self.tau, rank, self.loss_form))
-        w = torch.cat([w1, w2]).detach().float()               # (2B, K)
-        stats = {"w_mean": w.mean() if w.numel() else w.new_zeros(()),
-                 "w_max": w.max() if w.numel() else w.new_zeros(())}
-        return loss, stats
+        return loss, torch.cat([w1, w2]).detach()              # (), (2B, K)
+
+
+def build_model(a: dict) -> SNCLR:
+    """The SNCLR model a run's options describe (a dict, as stored in args.json and checkpoints).
+
+    Options added after a checkpoint was written take their defaults, so older checkpoints
+    still build (the ones that predate an option never used it).
+    """
+    return SNCLR(a["arch"], a["image_size"], a["dim"], a["mlp_dim"], a["tau"], a["num_neighbors"],
+                 a["queue_size"], a["positiveness"], a["loss_form"], a["threshold"],
+                 a["stop_grad_patch"], a["stem"], a.get("positiveness_t", 1.0), a.get("learn_gamma", False))

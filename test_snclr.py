@@ -285,7 +285,7 @@ def test_model_with_k0_is_symmetric_infonce():
     x1, x2 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
     k1, k2 = m.momentum_keys(x1), m.momentum_keys(x2)
     empty = torch.empty(4, 0, 16)
-    loss, stats = m(x1, x2, k1, k2, empty, empty)
+    loss, w = m(x1, x2, k1, k2, empty, empty)
     z1, z2 = m.predictor(m.projector(m.backbone(x1))), m.predictor(m.projector(m.backbone(x2)))
     expected = 2 * 0.2 * (info_nce(z1, k2, 0.2) + info_nce(z2, k1, 0.2))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
@@ -299,7 +299,7 @@ def test_model_pairs_each_view_with_the_other_views_neighbours():
     x1, x2 = torch.randn(B, 3, 16, 16), torch.randn(B, 3, 16, 16)
     k1, k2 = torch.randn(2 * B, 16), torch.randn(2 * B, 16)              # gathered over 2 ranks
     n1, n2 = unit(2 * B, 3, 16, seed=1), unit(2 * B, 3, 16, seed=2)
-    loss, stats = m(x1, x2, k1, k2, n1, n2, rank)
+    loss, w = m(x1, x2, k1, k2, n1, n2, rank)
     y1, y2 = m.projector(m.backbone(x1)), m.projector(m.backbone(x2))
     z1, z2 = m.predictor(y1), m.predictor(y2)
     own = slice(rank * B, (rank + 1) * B)
@@ -309,7 +309,8 @@ def test_model_pairs_each_view_with_the_other_views_neighbours():
                      + snclr_loss(z2, k1, n1, m.positiveness(y2, n2[own]), 0.3, rank))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert loss.item() != pytest.approx(swapped.item(), rel=1e-5)
-    assert stats["w_mean"].item() == pytest.approx(1 / 3, rel=1e-5)  # cosine w: rows sum to 1
+    assert w.shape == (2 * B, 3) and torch.allclose(w, torch.cat([w1, w2]))   # view 1 rows, then view 2
+    assert w.mean().item() == pytest.approx(1 / 3, rel=1e-5)  # cosine w: rows sum to 1
 
 
 def test_train_step_searches_before_it_enqueues_view2_keys():
@@ -420,7 +421,7 @@ def _two_rank_worker(rank, port, out_dir):
     m, x1, x2 = _frozen_model_and_batch()
     mine = slice(4 * rank, 4 * rank + 4)
     opt = torch.optim.SGD(m.parameters(), lr=0.0)
-    loss, _, _ = train_step(m, wrap_ddp(m, torch.device("cpu")), x1[mine], x2[mine], opt, scaler, 0.99, rank)
+    loss, *_ = train_step(m, wrap_ddp(m, torch.device("cpu")), x1[mine], x2[mine], opt, scaler, 0.99, rank)
     mean = distributed.all_reduce_sum(loss) / 2
     # (2) real DDP steps in training mode: the queues (and weights) stay identical on both ranks
     torch.manual_seed(0)
@@ -440,7 +441,7 @@ def test_two_process_gloo(tmp_path):
     mp.spawn(_two_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     m, x1, x2 = _frozen_model_and_batch()  # the same step in this single process, on all 8 pairs
-    single, _, _ = train_step(m, m, x1, x2, torch.optim.SGD(m.parameters(), lr=0.0),
+    single, *_ = train_step(m, m, x1, x2, torch.optim.SGD(m.parameters(), lr=0.0),
                               torch.amp.GradScaler("cpu", enabled=False), 0.99)
     for r in (r0, r1):
         assert r["mean"].item() == pytest.approx(single.item(), rel=1e-5)
@@ -517,7 +518,7 @@ def test_sigterm_saves_mid_epoch_and_resumes(tmp_path):
     import time
     out = tmp_path / "run"
     cmd = [sys.executable, str(HERE / "train.py"), *SMOKE, "--fake-size", "256", "--epochs", "20",
-           "--knn-every", "0", "--workers", "1", "--output-dir", str(out)]
+           "--knn-every", "0", "--workers", "1", "--print-freq", "1", "--output-dir", str(out)]
     proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (out / "log.txt").exists() and time.time() < deadline:  # random-init kNN done
@@ -525,7 +526,7 @@ def test_sigterm_saves_mid_epoch_and_resumes(tmp_path):
     time.sleep(1.5)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0 and "SIGTERM: saved" in stdout, stderr[-3000:]
+    assert proc.returncode == 143 and "SIGTERM: stopped" in stdout, stderr[-3000:]
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     steps_done = 16 * ckpt["epoch"] + ckpt["step_in_epoch"]   # 16 steps per epoch
     assert 0 < steps_done < 16 * 20 and int(ckpt["model"]["queue.filled"]) == min(16 * steps_done, 32)
@@ -543,7 +544,7 @@ def test_sigterm_saves_mid_epoch_and_resumes(tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["-K", "40"], "-K 40 must be in [0, --queue-size 32]"),
-    (["--tau", "0"], "--tau must be > 0"),
+    (["--tau", "0"], "argument --tau: must be a finite number > 0.0, got 0"),
     (["--dataset", "imagenet", "--data-path", "/nonexistent"], "/nonexistent/train"),
     (["--dataset", "fashion-mnist", "--data-path", "/nonexistent"], "dataset-fashion-mnist"),
 ])
@@ -558,24 +559,26 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     import train
     train.main(SMOKE + ["--epochs", "2", "--stop-after-epoch", "1", "--knn-every", "0", "--output-dir", str(tmp_path)])
     before = (tmp_path / "checkpoint.pth").read_bytes()
-    res = run_cli("train.py", *SMOKE, "--epochs", "2", "--knn-every", "0", "--lr", "1e30",
+    res = run_cli("train.py", *SMOKE, "--epochs", "2", "--knn-every", "0", "--lr", "1e30", "--allow-changed-args",
                   "--output-dir", str(tmp_path))  # resumes epoch 2 with an exploding learning rate
-    assert res.returncode != 0 and "error: loss is nan at step" in res.stderr, res.stderr[-2000:]
+    assert res.returncode == 1 and "error: loss is nan between step 4 and 7" in res.stderr, res.stderr[-2000:]
+    assert "resumed with a changed option (--allow-changed-args): lr: 0.1 -> 1e+30" in res.stdout
     assert (tmp_path / "checkpoint.pth").read_bytes() == before
 
 
 def test_batch_must_divide_by_world_size():
     import train
     args = train.resolve_args(train.get_args_parser().parse_args(SMOKE))
-    train.check_args(args, 4)  # 16 = 4 x 4
+    cpu = torch.device("cpu")
+    train.check_args(args, distributed.Env(0, 4, cpu))  # 16 = 4 x 4
     with pytest.raises(train.ConfigError, match="--batch-size 16 is not divisible by the world size 3"):
-        train.check_args(args, 3)
+        train.check_args(args, distributed.Env(0, 3, cpu))
 
 
 def test_cli_refuses_checkpoint_of_another_arch(smoke_run):
     before = (smoke_run / "checkpoint.pth").read_bytes()
     res = run_cli("train.py", *SMOKE, "--arch", "resnet34", "--epochs", "3", "--output-dir", str(smoke_run))
-    assert res.returncode != 0 and "arch='resnet18'" in res.stderr
+    assert res.returncode != 0 and "arch: 'resnet18' -> 'resnet34'" in res.stderr, res.stderr
     assert (smoke_run / "checkpoint.pth").read_bytes() == before
 
 
@@ -710,6 +713,135 @@ def test_balanced_subset_takes_the_same_share_of_every_class():
     assert counts == [30, 10, 5] and len(set(chosen)) == 45
     assert balanced_subset(labels, 10, seed=0) == chosen != balanced_subset(labels, 10, seed=1)
     assert [sum(labels[i] == c for i in balanced_subset(labels, 1, seed=0)) for c in range(3)] == [3, 1, 1]
+
+
+# ----------------------------------------------------------------------- knn.py ---
+def loop_knn_scores(bank, labels, queries, num_classes, k, t):
+    """InstDisc's vote written out: the k most cosine-similar bank items vote exp(cos / t)."""
+    out = []
+    for q in queries:
+        sims = sorted(((cos(q, bank[j]), int(labels[j])) for j in range(bank.shape[0])), reverse=True)
+        scores = [0.0] * num_classes
+        for s, c in sims[:k]:  # k larger than the bank: every item votes
+            scores[c] += math.exp(s / t)
+        out.append(scores)
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("k", [1, 4, 30, 50])
+def test_knn_predict_matches_loop(k):
+    from knn import knn_predict
+    bank, queries = unit(30, 8, seed=1), unit(9, 8, seed=2)
+    labels = torch.randint(0, 4, (30,), generator=torch.Generator().manual_seed(3))
+    got = knn_predict(bank, labels, queries, 4, k, 0.07, chunk=4)  # chunk < n_test: 3 chunks
+    assert torch.allclose(got, loop_knn_scores(bank, labels, queries, 4, k, 0.07).float(), rtol=1e-5)
+
+
+def test_knn_k1_votes_for_the_nearest_item_only():
+    from knn import knn_predict
+    bank = torch.eye(6)                                     # orthonormal: cos(e_i, e_j) = [i = j]
+    labels = torch.tensor([3, 0, 2, 1, 3, 2])
+    queries = F.normalize(torch.eye(6) + 0.1 * torch.ones(6, 6), dim=1)   # nearest item: its own
+    scores = knn_predict(bank, labels, queries, 4, k=1, t=0.07)
+    assert torch.equal(scores.argmax(dim=1), labels)
+    assert torch.equal(scores > 0, F.one_hot(labels, 4).bool())          # one vote, one class
+    assert torch.allclose(scores.max(dim=1).values, (queries.diagonal() / 0.07).exp())
+
+
+def _knn_sets():
+    """Train / test TensorDatasets with 37 / 23 items (odd: one shard of each is padded), 5
+    classes as noisy centres, so neighbours carry information."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 48, generator=g)
+    def make(n):
+        y = torch.randint(0, 5, (n,), generator=g)
+        x = centres[y] + 2 * torch.randn(n, 48, generator=g)
+        return torch.utils.data.TensorDataset(x.view(n, 3, 4, 4), y)
+    return make(37), make(23)
+
+
+class _CountingFlatten(torch.nn.Flatten):
+    """Flatten (deterministic features) that counts its calls and may set an event at call n."""
+    def __init__(self, event=None, set_at=None):
+        super().__init__()
+        self.calls, self.event, self.set_at = 0, event, set_at
+
+    def forward(self, x):
+        self.calls += 1
+        if self.event is not None and self.calls == self.set_at:
+            self.event.set()
+        return super().forward(x)
+
+
+def _knn_two_rank_worker(rank, port, out_dir):
+    import threading
+    from knn import encode_shard, knn_accuracy, sharded_knn_predict
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    env = distributed.init_distributed("cpu")
+    train_set, test_set = _knn_sets()
+    args = (4, 0, env.device, rank, 2)                      # batches of 4: 5 per rank for the bank
+    bank = encode_shard(torch.nn.Flatten(), train_set, *args)
+    test = encode_shard(torch.nn.Flatten(), test_set, *args)
+    out = {"bank_rows": bank.real, "bank_index": bank.index[:bank.real], "test_index": test.index[:test.real],
+           "acc": {k: knn_accuracy(torch.nn.Flatten(), train_set, test_set, 5, *args, k=k) for k in (5, 100)},
+           "scores": sharded_knn_predict(bank.feats[:bank.real], bank.labels[:bank.real],
+                                         distributed.all_gather(test.feats), 5, 100)[:test.real]}
+    # the bank as its own queries, k = 1: each item finds itself; a padded query counted twice would give 38/37
+    out["self"] = knn_accuracy(torch.nn.Flatten(), train_set, train_set, 5, *args, k=1)
+    stop, net = threading.Event(), _CountingFlatten()
+    if rank == 1:                                           # SIGTERM on one rank only: both stop
+        stop.set()
+    out["stopped"], out["calls"] = knn_accuracy(net, train_set, test_set, 5, *args, stop=stop), net.calls
+    # SIGTERM on rank 1 during its 2nd bank batch: the ranks next agree before the first test
+    # batch (checks every 10 batches), so both encode the 5 bank batches and stop there
+    stop = threading.Event()
+    net = _CountingFlatten(stop, set_at=2) if rank == 1 else _CountingFlatten()
+    out["stopped_late"], out["calls_late"] = knn_accuracy(net, train_set, test_set, 5, *args, stop=stop), net.calls
+    torch.save(out, os.path.join(out_dir, f"knn{rank}.pt"))
+    distributed.cleanup()
+
+
+def test_knn_sharded_two_process_gloo_equals_single_device(tmp_path):
+    from knn import knn_predict
+    mp.spawn(_knn_two_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"knn{r}.pt", weights_only=True) for r in range(2))
+    train_set, test_set = _knn_sets()
+    (x, y), (xq, yq) = train_set.tensors, test_set.tensors
+    bank, queries = F.normalize(x.flatten(1), dim=1), F.normalize(xq.flatten(1), dim=1)
+    # each rank keeps about half of the bank, padding dropped: 19 + 18 distinct items
+    assert (r0["bank_rows"], r1["bank_rows"]) == (19, 18)
+    assert sorted(torch.cat([r0["bank_index"], r1["bank_index"]]).tolist()) == list(range(37))
+    for k in (5, 100):                                      # k = 100 > 37: every item votes once
+        single = knn_predict(bank, y, queries, 5, k).argmax(dim=1)
+        assert r0["acc"][k] == r1["acc"][k] == 100.0 * (single == yq).sum().item() / 23
+    assert r0["self"] == r1["self"] == 100.0
+    assert 40 < r0["acc"][5] < 100                          # neither perfect nor chance (20 %)
+    full = knn_predict(bank, y, queries, 5, 100)            # a padded bank item would vote twice
+    for r in (r0, r1):
+        assert torch.allclose(r["scores"], full[r["test_index"]], rtol=1e-5)
+    assert r0["stopped"] is None and r1["stopped"] is None and r0["calls"] == r1["calls"] == 0
+    assert r0["stopped_late"] is None and r1["stopped_late"] is None
+    assert r0["calls_late"] == r1["calls_late"] == 5
+
+
+def test_knn_stop_returns_none_before_encoding_everything():
+    import threading
+    from knn import knn_accuracy
+    train_set, test_set = _knn_sets()
+    stop, net = threading.Event(), _CountingFlatten()
+    stop.set()                                              # SIGTERM before the call
+    assert knn_accuracy(net, train_set, test_set, 5, 4, 0, torch.device("cpu"), stop=stop) is None
+    assert net.calls == 0
+    stop.clear()
+    net = _CountingFlatten(stop, set_at=3)                  # SIGTERM during the bank's 3rd batch
+    assert knn_accuracy(net, train_set, test_set, 5, 4, 0, torch.device("cpu"), stop=stop) is None
+    assert net.calls == 3                                   # one process checks every batch
+    net = _CountingFlatten()
+    stop.clear()
+    assert 0 <= knn_accuracy(net, train_set, test_set, 5, 4, 0, torch.device("cpu"), stop=stop) <= 100
+    assert net.calls == 10 + 6                              # 37 / 4 and 23 / 4 batches
 
 
 # --------------------------------------------------------------------------- project ---

@@ -1,9 +1,10 @@
 """SNCLR pretraining: `torchrun --nproc_per_node=G train.py --arch resnet50 --data-path DIR`.
 
-Also runs as `python train.py ...` (one process, CPU or GPU). Every epoch rank 0 appends one
-JSON line to OUTPUT/log.txt and rewrites OUTPUT/checkpoint.pth atomically; rerunning the same
-command resumes from it. A kNN monitor measures the random-initialised encoder before training
-and the encoder every --knn-every epochs. See README.md for recipes and measured results.
+Also runs as `python train.py ...` (one process, CPU or GPU). Every epoch rank 0 rewrites
+OUTPUT/checkpoint.pth atomically and appends one JSON line to OUTPUT/log.txt; rerunning the same
+command resumes from the checkpoint. A kNN monitor measures the random-initialised encoder
+before training and the encoder every --knn-every epochs. SIGTERM saves and exits with status
+143. See README.md for recipes and measured results.
 """
 import argparse
 import inspect
@@ -20,120 +21,159 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import cli
 import distributed
-from checkpoint import ConfigError, append_json, load_checkpoint, load_state, save_checkpoint
-from data import (DATASETS, FASHION_MNIST_DEB, IMAGE_SIZE, NUM_CLASSES, DataError, EpochSampler, TwoViews,
-                  build_dataset, eval_transform, fixed_subset, ignore_sigterm, two_view_transforms)
+from checkpoint import (ConfigError, RunLock, append_json, check_resume, load_checkpoint, load_state,
+                        prepare_output_dir, save_checkpoint)
+from cli import nonneg_float, nonneg_int, positive_float, positive_int
+from data import DATASETS, FASHION_MNIST_DEB, IMAGE_SIZE, DataError, build_dataset
 from knn import knn_accuracy
 from lars import LARS, param_groups
+from loaders import AUGMENT_DEVICES, build_knn_sets, build_train_loader
 from loss import FORMS
-from model import ARCHS, SNCLR, STEMS, VITS, momentum_schedule
+from model import ARCHS, RESNETS, STEMS, VITS, SNCLR, build_model, momentum_schedule
+from neighbour_monitor import NeighbourQuality
 from positiveness import MODES
 
-
-# Recipes that differ between ResNets (MoCo v3, LARS) and ViTs (MoCo v3 / released SNCLR, AdamW).
+# Recipes that differ between ResNets (MoCo v3, LARS) and ViTs (MoCo v3 / released SNCLR, AdamW);
+# crop_min from MoCo v3's CONFIG.md (0.2 in its ResNet-50 commands, 0.08 for ViTs).
 RECIPES = {"resnet": dict(optimizer="lars", lr=0.6, weight_decay=1e-6, tau=1.0, epochs=100,
-                          warmup_epochs=10),
+                          warmup_epochs=10, crop_min=0.2),
            "vit": dict(optimizer="adamw", lr=1.5e-4, weight_decay=0.1, tau=0.2, epochs=300,
-                       warmup_epochs=40)}
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None: those options explain their arch-dependent default in words."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+                       warmup_epochs=40, crop_min=0.08)}
+# kNN monitor (bank, queries) on ImageNet: fixed subsets, so an epoch's monitor encodes 110k
+# images (one forward each) against the epoch's 1.28M x 8 forward-equivalents: about 1 %.
+KNN_SUBSETS = {"imagenet": (100_000, 10_000)}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("SNCLR pretraining", formatter_class=HelpFormatter,
-                                description=__doc__.split("\n\n")[0])
+    p = cli.Parser("train.py", description=__doc__.split("\n\n")[0])
     a = p.add_argument
     # model
     a("--arch", default="resnet50", choices=ARCHS, help="encoder f; the paper uses resnet50, vit_small, vit_base")
     a("--stem", default="auto", choices=STEMS, help="auto: small-image stem (3x3 conv, no max-pool / "
       "4x4 patches) at <= 64 px, else torchvision's; imagenet keeps torchvision's stem at any size")
-    a("--dim", type=int, default=256, help="output dim of projector and predictor (MoCo v3)")
-    a("--mlp-dim", type=int, default=4096, help="hidden dim of projector and predictor MLPs (MoCo v3)")
+    a("--dim", type=positive_int, default=256, help="output dim of projector and predictor (MoCo v3)")
+    a("--mlp-dim", type=positive_int, default=4096, help="hidden dim of projector and predictor MLPs (MoCo v3)")
     a("--stop-grad-patch", action=argparse.BooleanOptionalAction, default=True,
       help="ViT only: freeze the random patch embedding (MoCo v3's stability trick)")
     # SNCLR
-    a("-K", "--num-neighbors", type=int, default=30, help="neighbours per key (Eq. 3); the paper's ablation "
-      "finds 30 best; 0 gives the MoCo v3 / InfoNCE baseline")
-    a("--queue-size", type=int, default=65536, help="memory queue C; 'relatively large' in the paper, "
-      "128000 in the released ViT-S run; must hold at least one global batch")
+    a("-K", "--num-neighbors", type=nonneg_int, default=30, help="neighbours per key (Eq. 3); the paper's "
+      "ablation finds 30 best; 0 gives the MoCo v3 / InfoNCE baseline")
+    a("--queue-size", type=positive_int, default=65536, help="memory queue C; 'relatively large' in the "
+      "paper, 128000 in the released ViT-S run; must hold at least one global batch")
     a("--positiveness", default="cosine", choices=MODES, help="Eq. 4: cosine = released code, "
       "attention = paper text, hard / none = ablations")
+    a("--positiveness-t", type=positive_float, default=1.0, help="cosine positiveness temperature t: "
+      "w = softmax(cos / t); 1 is the released code, smaller is sharper")
+    a("--learn-gamma", action="store_true", help="attention positiveness: learn the paper's scaling "
+      "factor gamma (log-parameterised, starts at 1; logged as 'gamma')")
     a("--loss-form", default="code", choices=FORMS, help="Eq. 2: code = soft-target cross-entropy "
       "(released), paper = log of the weighted sum (as printed)")
     a("--threshold", action="store_true", help="released code's option: zero the w below 1/K")
-    a("--tau", type=float, default=None, help="temperature; default 1.0 for ResNets, 0.2 for ViTs (MoCo v3)")
-    a("--momentum", type=float, default=0.99, help="base EMA momentum, raised to 1 on a half cosine (MoCo v3)")
+    a("--tau", type=positive_float, default=None, help="temperature; default 1.0 for ResNets, 0.2 for ViTs "
+      "(MoCo v3)")
+    a("--momentum", type=nonneg_float, default=0.99, help="base EMA momentum in [0, 1], raised to 1 on a "
+      "half cosine (MoCo v3)")
     # optimisation
-    a("--epochs", type=int, default=None, help="default 100 for ResNets (MoCo v3), 300 for ViTs (SNCLR ViT-S)")
-    a("--warmup-epochs", type=float, default=None, help="linear lr warm-up; default 10 ResNets, 40 ViTs")
-    a("--batch-size", type=int, default=4096, help="global batch over all ranks (paper: 4096); "
+    a("--epochs", type=positive_int, default=None, help="default 100 for ResNets (MoCo v3), 300 for ViTs "
+      "(SNCLR ViT-S)")
+    a("--warmup-epochs", type=nonneg_float, default=None, help="linear lr warm-up; default 10 ResNets, 40 ViTs "
+      "(MoCo v3)")
+    a("--batch-size", type=positive_int, default=4096, help="global batch over all ranks (paper: 4096); "
       "each rank takes batch-size / world-size")
-    a("--optimizer", default=None, choices=("lars", "adamw", "sgd"), help="default lars for ResNets, adamw for ViTs")
-    a("--lr", type=float, default=None, help="base lr, scaled by batch-size / 256; default 0.6 "
+    a("--optimizer", default=None, choices=("lars", "adamw", "sgd"), help="default lars for ResNets, adamw "
+      "for ViTs (MoCo v3)")
+    a("--lr", type=positive_float, default=None, help="base lr, scaled by batch-size / 256; default 0.6 "
       "(ResNet, LARS) or 1.5e-4 (ViT, AdamW) as in MoCo v3")
-    a("--weight-decay", type=float, default=None, help="default 1e-6 ResNets, 0.1 ViTs (MoCo v3); "
-      "biases and norm weights are never decayed, with any optimizer")
+    a("--weight-decay", type=nonneg_float, default=None, help="default 1e-6 ResNets, 0.1 ViTs (MoCo v3); "
+      "LARS and SGD leave biases and norm weights undecayed (MoCo v3's LARS), AdamW decays every "
+      "parameter (MoCo v3's ViT recipe)")
     a("--amp", default="bf16", choices=("bf16", "fp16", "none"), help="mixed precision on CUDA (CPU runs fp32)")
+    a("--compile", action="store_true", help="torch.compile the two backbones (the GPU recipes use it; "
+      "the first steps are slow while it compiles)")
     # data
     a("--dataset", default="imagenet", choices=DATASETS, help="imagenet and folder read DATA_PATH/train "
       "and DATA_PATH/val; cifar downloads when a network exists; fake needs no data")
-    a("--data-path", default=None, help=f"dataset root; default ./data, or {FASHION_MNIST_DEB} "
-      "for fashion-mnist (Debian package dataset-fashion-mnist)")
-    a("--image-size", type=int, default=None, help="default: 224 ImageNet/folder, 32 CIFAR/fake, "
+    a("--data-path", default=None, help=f"dataset root (stored absolute); default ./data, or "
+      f"{FASHION_MNIST_DEB} for fashion-mnist (Debian package dataset-fashion-mnist)")
+    a("--image-size", type=positive_int, default=None, help="default: 224 ImageNet/folder, 32 CIFAR/fake, "
       "28 Fashion-MNIST; <= 64 selects the small-image stems")
-    a("--crop-min", type=float, default=0.08, help="smallest RandomResizedCrop area (MoCo v3)")
-    a("--subset", type=int, default=0, help="train on a fixed random subset of this many images (0 = all)")
-    a("--fake-size", type=int, default=512, help="images in --dataset fake")
-    a("--workers", type=int, default=8, help="data-loading processes per rank")
+    a("--crop-min", type=positive_float, default=None, help="smallest RandomResizedCrop area; default 0.2 "
+      "for ResNets, 0.08 for ViTs (MoCo v3)")
+    a("--augment-device", default="auto", choices=AUGMENT_DEVICES, help="where the augmentations run: "
+      "workers = PIL in DataLoader workers (the readable reference), cpu / cuda = batched on that device "
+      "(augment.py; small data sets then live on the device); auto = cuda when training on CUDA, else workers")
+    a("--subset", type=nonneg_int, default=0, help="train on a fixed random subset of this many images (0 = all)")
+    a("--fake-size", type=positive_int, default=512, help="images in --dataset fake")
+    a("--workers", type=nonneg_int, default=8, help="data-loading processes per rank")
+    a("--strict-data", action="store_true", help="stop at an unreadable training image instead of "
+      "skipping it (skips are counted in log.txt)")
     # monitor, output, runtime
-    a("--knn-every", type=int, default=1, help="kNN monitor every N epochs (0 = only before and after)")
-    a("--knn-k", type=int, default=200, help="kNN neighbours (InstDisc)")
-    a("--knn-t", type=float, default=0.07, help="kNN vote temperature (InstDisc)")
-    a("--knn-train-size", type=int, default=0, help="kNN bank: a fixed subset of the train split (0 = all)")
-    a("--knn-test-size", type=int, default=0, help="kNN queries: a fixed subset of the test split (0 = all)")
+    a("--knn-every", type=nonneg_int, default=1, help="kNN monitor every N epochs (0 = only before and after)")
+    a("--knn-k", type=positive_int, default=200, help="kNN neighbours (InstDisc)")
+    a("--knn-t", type=positive_float, default=0.07, help="kNN vote temperature (InstDisc)")
+    a("--knn-train-size", type=nonneg_int, default=None, help="kNN bank: a fixed subset of the train split; "
+      "default 100000 for imagenet (about 1 %% of an epoch's compute), else all (0)")
+    a("--knn-test-size", type=nonneg_int, default=None, help="kNN queries: a fixed subset of the test split; "
+      "default 10000 for imagenet, else all (0)")
+    a("--print-freq", type=positive_int, default=20, help="read loss and w every N steps: progress bar "
+      "figures, or one plain line when stderr is not a terminal (SLURM, nohup); a NaN or a SIGTERM "
+      "stops the run at the next such step")
     a("--output-dir", default="output", help="args.json, log.txt, checkpoint.pth; resumes from its checkpoint")
     a("--resume", default=None, help="resume from this checkpoint instead of OUTPUT/checkpoint.pth")
+    a("--allow-changed-args", action="store_true", help="resume even though options differ from the "
+      "checkpoint's (the differences are printed and logged); without it such a resume is refused")
     a("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto = CUDA when available")
     a("--seed", type=int, default=0, help="seed for weights, data order and augmentations")
-    a("--stop-after-epoch", type=int, default=0, help="end this launch once this epoch is done, the "
+    a("--stop-after-epoch", type=nonneg_int, default=0, help="end this launch once this epoch is done, the "
       "schedules still spanning --epochs (for time-limited jobs); rerun to continue (0 = never)")
     return p
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """A copy of args with the arch / dataset dependent defaults filled in."""
-    recipe = RECIPES["vit" if args.arch in VITS else "resnet"]
     out = dict(vars(args))
-    for key, value in recipe.items():
+    for key, value in RECIPES["vit" if args.arch in VITS else "resnet"].items():
         if out[key] is None:
             out[key] = value
-    if out["data_path"] is None:
-        out["data_path"] = FASHION_MNIST_DEB if args.dataset == "fashion-mnist" else "data"
+    data_path = args.data_path or (FASHION_MNIST_DEB if args.dataset == "fashion-mnist" else "data")
+    out["data_path"] = os.path.abspath(data_path)  # so evaluation finds it from any folder
     if out["image_size"] is None:
         out["image_size"] = IMAGE_SIZE[args.dataset]
+    bank, queries = KNN_SUBSETS.get(args.dataset, (0, 0))
+    out["knn_train_size"] = bank if args.knn_train_size is None else args.knn_train_size
+    out["knn_test_size"] = queries if args.knn_test_size is None else args.knn_test_size
     return argparse.Namespace(**out)
 
 
-def check_args(args, world_size: int) -> None:
-    if args.batch_size % world_size:
+def check_args(args, env) -> None:
+    """Option combinations the parser cannot check alone; one ConfigError line each."""
+    if args.batch_size % env.world_size:
         raise ConfigError(f"--batch-size {args.batch_size} is not divisible by the world size "
-                          f"{world_size}; use a multiple of {world_size}")
-    if not 0 <= args.num_neighbors <= args.queue_size:
+                          f"{env.world_size}; use a multiple of {env.world_size}")
+    if args.num_neighbors > args.queue_size:
         raise ConfigError(f"-K {args.num_neighbors} must be in [0, --queue-size {args.queue_size}]")
     if args.queue_size < args.batch_size:
         raise ConfigError(f"--queue-size {args.queue_size} must hold one global batch "
                           f"(--batch-size {args.batch_size})")
-    if not args.tau > 0:
-        raise ConfigError(f"--tau must be > 0, got {args.tau}")
-    if args.epochs < 1 or args.warmup_epochs < 0:
-        raise ConfigError(f"need --epochs >= 1 and --warmup-epochs >= 0, got {args.epochs}, "
-                          f"{args.warmup_epochs}")
+    if args.momentum > 1 or args.crop_min > 1:
+        raise ConfigError(f"--momentum ({args.momentum}) and --crop-min ({args.crop_min}) must be at most 1")
+    if args.positiveness_t != 1.0 and args.positiveness != "cosine":
+        raise ConfigError(f"--positiveness-t applies to --positiveness cosine, not {args.positiveness}")
+    if args.learn_gamma and args.positiveness != "attention":
+        raise ConfigError(f"--learn-gamma applies to --positiveness attention, not {args.positiveness}")
+    wanted = args.augment_device
+    if wanted in ("cpu", "cuda") and wanted != env.device.type:
+        raise ConfigError(f"--augment-device {wanted} must be the training device ({env.device.type}); use "
+                          f"--augment-device {env.device.type} or workers")
+
+
+def augment_path(args, env) -> str:
+    """--augment-device resolved: "workers", "cpu" or "cuda"."""
+    if args.augment_device == "auto":
+        return "cuda" if env.device.type == "cuda" else "workers"
+    return args.augment_device
 
 
 def learning_rate(step: int, steps_per_epoch: int, args) -> float:
@@ -147,20 +187,25 @@ def learning_rate(step: int, steps_per_epoch: int, args) -> float:
 
 
 def build_optimizer(model: nn.Module, args):
+    if args.optimizer == "adamw":  # MoCo v3's ViT recipe decays every parameter
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0,
+                                 weight_decay=args.weight_decay)
     groups = param_groups(model, args.weight_decay)
     if args.optimizer == "lars":
         return LARS(groups, weight_decay=args.weight_decay, momentum=0.9)
-    if args.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=0.0, weight_decay=args.weight_decay)
     return torch.optim.SGD(groups, lr=0.0, momentum=0.9, weight_decay=args.weight_decay)
 
 
 def train_step(model: SNCLR, ddp_model: nn.Module, x1, x2, optimizer, scaler, momentum: float,
-               rank: int = 0, autocast=None):
-    """One SNCLR step, every state change in order. Returns (loss, stats, neighbour-search s).
+               rank: int = 0, autocast=None, labels=None):
+    """One SNCLR step, every state change in order. Returns (loss, w, same, search_s).
 
-    model is the bare SNCLR; ddp_model the same module wrapped for gradient averaging (or
-    model itself in one process). autocast is a mixed-precision context (None: fp32).
+    model is the bare SNCLR; ddp_model the same module wrapped for gradient averaging (or model
+    itself in one process); autocast a mixed-precision context (None: fp32); labels (B,) the
+    images' classes or None. loss () and w (2B, K) stay on the device: nothing here waits for
+    the GPU. same (2B, K) marks the neighbours whose queue label is the image's (None without
+    labels); it is for monitoring only: the loss never sees a label. search_s is the neighbour
+    search's time on the CPU, None on CUDA (timing it there would synchronise).
     """
     autocast = autocast or torch.autocast(x1.device.type, enabled=False)
     with autocast:
@@ -172,77 +217,127 @@ def train_step(model: SNCLR, ddp_model: nn.Module, x1, x2, optimizer, scaler, mo
     K = model.neighbors_ready()
     idx1 = model.queue.nearest_indices(k1, K)                               # (B, K)
     idx2 = model.queue.nearest_indices(k2, K)                               # (B, K)
-    if x1.device.type == "cuda":
-        torch.cuda.synchronize(x1.device)
-    search_s = time.perf_counter() - t0
+    search_s = time.perf_counter() - t0 if x1.device.type == "cpu" else None
     n1_all = model.queue.features[distributed.all_gather(idx1)]             # (N, K, dim)
     n2_all = model.queue.features[distributed.all_gather(idx2)]             # (N, K, dim)
     with autocast:                                                          # Eq. 4 + Eq. 2
-        loss, stats = ddp_model(x1, x2, k1_all, k2_all, n1_all, n2_all, rank)
+        loss, w = ddp_model(x1, x2, k1_all, k2_all, n1_all, n2_all, rank)   # (), (2B, K)
+    same = None  # w's rows: view 1 (neighbours of k2), then view 2 (neighbours of k1)
+    if labels is not None:
+        same = model.queue.labels[torch.cat([idx2, idx1])] == labels.repeat(2)[:, None]  # (2B, K)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
     model.momentum_update(momentum)                                         # f', g' <- EMA
-    model.queue.enqueue(k2_all)                                             # C <- view-2 keys
-    return loss.detach(), stats, search_s
+    model.queue.enqueue(k2_all, None if labels is None else distributed.all_gather(labels))  # C <- view 2
+    return loss.detach(), w, same, search_s
 
 
-def train_one_epoch(model, ddp_model, loader, optimizer, scaler, epoch, start_it, steps, args, env):
-    """Iterations start_it .. steps-1 of one epoch. Returns (statistics, iterations done, stopped).
+class Progress:
+    """The loop's statistics, kept on the device and read every --print-freq steps.
 
-    It stops early, on every rank after the same step, once any rank has received SIGTERM
-    (env.stop, set by the signal handler that main installs).
+    Reading them is the loop's only host-device synchronisation and its only per-window
+    collective: sums over ranks, a NaN check, and whether any rank received SIGTERM.
     """
-    total = steps * args.epochs
+
+    def __init__(self, args, env, epoch: int, start_it: int, steps: int):
+        self.args, self.env, self.epoch, self.steps = args, env, epoch, steps
+        self.window = torch.zeros(2, dtype=torch.float64, device=env.device)  # sums of loss and of w
+        self.counts = [0, 0]                                                  # steps, w entries (host)
+        self.totals = torch.zeros(4, dtype=torch.float64)                     # read so far this epoch
+        self.w_max = torch.zeros((), device=env.device)
+        self.first, self.search_s, self.wait_s, self.window_wait = start_it, 0.0, 0.0, 0.0
+        self.start = self.window_start = time.perf_counter()
+        self.bar = tqdm(total=steps, initial=start_it, desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True,
+                        disable=not (env.main and sys.stderr.isatty()))
+
+    def add(self, loss, w, search_s, wait_s) -> None:
+        self.window += torch.stack([loss.double(), w.double().sum()])
+        self.counts = [self.counts[0] + 1, self.counts[1] + w.numel()]
+        if w.numel():
+            self.w_max = torch.maximum(self.w_max, w.max().float())
+        self.search_s += search_s or 0.0
+        self.wait_s += wait_s
+        self.window_wait += wait_s
+        self.bar.update()
+
+    def read(self, it: int, lr: float) -> bool:
+        """Sum the window over ranks; stop on a non-finite loss; True if any rank got SIGTERM."""
+        flag = torch.tensor([float(self.env.stop.is_set())], dtype=torch.float64, device=self.env.device)
+        both = distributed.all_reduce_sum(torch.cat([self.window, flag])).cpu()  # the one sync per window
+        # every rank ran the same steps with the same K: counts agree, sums average over ranks
+        window = torch.cat([both[:2] / self.env.world_size, torch.tensor(self.counts[::-1], dtype=torch.float64)])
+        stop = bool(both[2] > 0)                                # window: loss, w sums, w entries, steps
+        loss = window[0].item() / max(window[3].item(), 1)
+        if not math.isfinite(loss):
+            step = self.epoch * self.steps
+            raise FloatingPointError(f"loss is {loss} between step {step + self.first} and {step + it - 1} "
+                                     f"(epoch {self.epoch + 1}, iterations {self.first}-{it - 1}); stopped, the "
+                                     f"last checkpoint in {self.args.output_dir} is kept")
+        self.totals += window
+        w = window[1].item() / max(window[2].item(), 1)
+        now = time.perf_counter()
+        images_s = (it - self.first) * self.args.batch_size / (now - self.window_start)
+        wait = self.window_wait / (now - self.window_start)
+        if not self.bar.disable:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", w=f"{w:.3f}", img_s=f"{images_s:.0f}",
+                                 wait=f"{wait:.0%}")
+        elif self.env.main:
+            print(f"epoch {self.epoch + 1}/{self.args.epochs} step {it}/{self.steps} loss {loss:.4f} lr {lr:.3g} "
+                  f"w {w:.3f} images/s {images_s:.0f} data-wait {wait:.0%}", flush=True)
+        self.first, self.window_start, self.window_wait = it, now, 0.0
+        self.window.zero_()
+        self.counts = [0, 0]
+        return stop
+
+    def summary(self, done: int, lr: float, m: float) -> dict:
+        self.bar.close()
+        elapsed = time.perf_counter() - self.start
+        t = self.totals
+        return {"epoch": self.epoch + 1, "loss": t[0].item() / max(t[3].item(), 1), "lr": lr, "momentum": m,
+                "w_mean": t[1].item() / max(t[2].item(), 1), "w_max": distributed.all_gather(self.w_max[None]).max().item(),
+                **({"nn_search_ms": 1000 * self.search_s / done} if self.env.device.type == "cpu" else {}),
+                "images_per_s": done * self.args.batch_size / elapsed, "epoch_s": elapsed,
+                "data_wait_s": self.wait_s, "data_wait_share": self.wait_s / elapsed}
+
+
+def train_one_epoch(model, ddp_model, loader, optimizer, scaler, epoch, start_it, args, env, labelled: bool):
+    """Iterations start_it .. steps-1 of one epoch. Returns (log entry, iterations done, stopped).
+
+    No host-device synchronisation per step (see Progress). It stops early, on every rank after
+    the same step, once any rank has received SIGTERM (env.stop, set by main's signal handler).
+    """
+    steps = loader.steps
     use_amp = env.device.type == "cuda" and args.amp != "none"
-    amp_dtype = torch.float16 if args.amp == "fp16" else torch.bfloat16
-    sums = torch.zeros(3, dtype=torch.float64)  # loss, w_mean, search seconds
-    w_max, start, it, stop = 0.0, time.perf_counter(), start_it, False
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not env.main, dynamic_ncols=True,
-               initial=start_it, total=steps)
-    for (x1, x2), _ in bar:
+    autocast = torch.autocast(env.device.type, torch.float16 if args.amp == "fp16" else torch.bfloat16,
+                              enabled=use_amp)
+    channels_last = env.device.type == "cuda" and args.arch in RESNETS
+    progress, quality = Progress(args, env, epoch, start_it, steps), NeighbourQuality(env.device)
+    it, stop, lr, m = start_it, False, 0.0, 0.0
+    waited = time.perf_counter()
+    for (x1, x2), y in loader:
+        wait_s = time.perf_counter() - waited
         step = epoch * steps + it
-        lr, m = learning_rate(step, steps, args), momentum_schedule(step, total, args.momentum)
+        lr, m = learning_rate(step, steps, args), momentum_schedule(step, steps * args.epochs, args.momentum)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x1, x2 = x1.to(env.device, non_blocking=True), x2.to(env.device, non_blocking=True)
-        loss, stats, search_s = train_step(model, ddp_model, x1, x2, optimizer, scaler, m, env.rank,
-                                           torch.autocast(env.device.type, amp_dtype, enabled=use_amp))
+        if channels_last:  # cuDNN's fastest convolution layout (the model is converted in run)
+            x1, x2 = x1.contiguous(memory_format=torch.channels_last), x2.contiguous(memory_format=torch.channels_last)
+        loss, w, same, search_s = train_step(model, ddp_model, x1, x2, optimizer, scaler, m, env.rank, autocast,
+                                             y if labelled else None)
         it += 1
-        # One small collective per step: loss (for the log and the NaN check), w statistics, and
-        # whether any rank received SIGTERM (every rank must stop after the same step).
-        mine = torch.stack([loss.float(), stats["w_mean"].float(), stats["w_max"].float(),
-                            torch.tensor(float(env.stop.is_set()), device=loss.device)])
-        every = distributed.all_gather(mine[None]).cpu()                     # (R, 4)
-        loss_v, w_mean = every[:, 0].mean().item(), every[:, 1].mean().item()
-        if not math.isfinite(loss_v):
-            raise FloatingPointError(f"loss is {loss_v} at step {step} (epoch {epoch + 1}, iteration "
-                                     f"{it - 1}); stopped, the last checkpoint in {args.output_dir} is kept")
-        sums += torch.tensor([loss_v, w_mean, search_s], dtype=torch.float64)
-        w_max, stop = max(w_max, every[:, 2].max().item()), bool(every[:, 3].any())
-        bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.3g}", w=f"{w_mean:.3f}", K=model.neighbors_ready())
-        if stop:
+        progress.add(loss, w, search_s, wait_s)
+        if same is not None:
+            quality.update(w, same)
+        if (it % args.print_freq == 0 or it == steps) and progress.read(it, lr):
+            stop = True
             break
-    done, elapsed = max(it - start_it, 1), time.perf_counter() - start
-    log = {"epoch": epoch + 1, "loss": sums[0].item() / done, "lr": lr, "momentum": m,
-           "w_mean": sums[1].item() / done, "w_max": w_max, "nn_search_ms": 1000 * sums[2].item() / done,
-           "images_per_s": done * args.batch_size / elapsed, "epoch_s": elapsed}
-    return log, it, stop
-
-
-# Options that change the model's tensors: a checkpoint resumes only a run that agrees on them.
-STRUCTURE = ("arch", "stem", "image_size", "dim", "mlp_dim", "queue_size", "positiveness")
-
-
-def build_model(a: dict) -> SNCLR:
-    """The SNCLR model a run's options describe (a dict, as stored in args.json and checkpoints)."""
-    try:
-        return SNCLR(a["arch"], a["image_size"], a["dim"], a["mlp_dim"], a["tau"], a["num_neighbors"],
-                     a["queue_size"], a["positiveness"], a["loss_form"], a["threshold"],
-                     a["stop_grad_patch"], a["stem"])
-    except ValueError as e:  # e.g. a ViT patch size that does not divide the image size
-        raise ConfigError(str(e)) from None
+        waited = time.perf_counter()
+    log = progress.summary(max(it - start_it, 1), lr, m)
+    if args.learn_gamma:
+        log["gamma"] = float(model.positiveness.gamma)
+    return {**log, **quality.summary()}, it, stop
 
 
 def wrap_ddp(model: nn.Module, device: torch.device) -> DistributedDataParallel:
@@ -256,42 +351,25 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> DistributedDataParallel:
                                    **{option: False})
 
 
-def build_data(args, env):
-    """Pretraining loader (two views), its sampler, and the kNN monitor's sets and class count."""
+def prepare_data(args, env) -> None:
+    """Rank 0 downloads first (when the dataset can be, and a network exists); every rank
+    learns whether that failed (this is also the barrier after the download)."""
     failed = None
-    if env.main:  # rank 0 downloads first (when the dataset can be, and a network exists)
+    if env.main:
         try:
             build_dataset(args.dataset, args.data_path, True, None, True, args.fake_size, args.image_size)
         except DataError as e:
             failed = e
-    # every rank learns whether rank 0 failed (this is also the barrier after the download)
-    if distributed.all_reduce_sum(torch.tensor([float(failed is not None)], device=env.device)).item():
+    if not distributed.all_ok(failed is None, env.device):
         raise failed or DataError(f"rank 0 could not prepare --dataset {args.dataset}; see its error")
-    views = TwoViews(*two_view_transforms(args.dataset, args.image_size, args.crop_min))
-    train_set = fixed_subset(build_dataset(args.dataset, args.data_path, True, views, False,
-                                           args.fake_size, args.image_size), args.subset, args.seed)
-    if len(train_set) < args.batch_size:
-        raise ConfigError(f"{len(train_set)} training images are fewer than one --batch-size {args.batch_size}")
-    local_batch = args.batch_size // env.world_size
-    sampler = EpochSampler(torch.utils.data.DistributedSampler(train_set, env.world_size, env.rank, shuffle=True,
-                                                               seed=args.seed, drop_last=True))
-    loader = torch.utils.data.DataLoader(train_set, local_batch, sampler=sampler, num_workers=args.workers,
-                                         pin_memory=env.device.type == "cuda", drop_last=True,
-                                         worker_init_fn=ignore_sigterm)
-    test_t = eval_transform(args.dataset, args.image_size)
-    knn_train = build_dataset(args.dataset, args.data_path, True, test_t, False, args.fake_size, args.image_size)
-    knn_test = build_dataset(args.dataset, args.data_path, False, test_t, False, args.fake_size, args.image_size)
-    num_classes = NUM_CLASSES.get(args.dataset) or len(knn_train.classes)
-    knn_sets = (fixed_subset(knn_train, args.knn_train_size, args.seed),
-                fixed_subset(knn_test, args.knn_test_size, args.seed))
-    return loader, sampler, len(sampler.base) // local_batch, knn_sets, num_classes
 
 
-def monitor_knn(model, knn_sets, num_classes, args, env, tag: str) -> float:
-    """kNN top-1 of the online encoder f (eval mode; training mode is restored)."""
+def monitor_knn(model, knn_sets, num_classes, args, env, tag: str):
+    """kNN top-1 of the online encoder f (eval mode; training mode is restored); None when a
+    SIGTERM interrupted it."""
     acc = knn_accuracy(model.backbone, *knn_sets, num_classes, max(args.batch_size // env.world_size, 64),
-                       args.workers, env.device, env.rank, env.world_size, args.knn_k, args.knn_t)
-    if env.main:
+                       args.workers, env.device, env.rank, env.world_size, args.knn_k, args.knn_t, stop=env.stop)
+    if env.main and acc is not None:
         print(f"kNN top-1 ({tag}): {acc:.2f}%")
     return acc
 
@@ -305,72 +383,148 @@ def restore(ckpt: dict, path: str, model, optimizer, scaler) -> tuple[int, int]:
     return ckpt["epoch"], ckpt.get("step_in_epoch", 0)
 
 
-def run(args, env) -> None:
-    check_args(args, env.world_size)
+def setup(args, env):
+    """Everything a run needs, checked before anything is written: data, model, optimizer,
+    scaler, the checkpoint to resume and the option changes it accepts."""
+    check_args(args, env)
     ckpt_path = args.resume or os.path.join(args.output_dir, "checkpoint.pth")
-    structure = {key: getattr(args, key) for key in STRUCTURE}
-    ckpt = load_checkpoint(ckpt_path, structure) if args.resume or os.path.isfile(ckpt_path) else None
-    loader, sampler, steps, knn_sets, num_classes = build_data(args, env)
+    ckpt = load_checkpoint(ckpt_path) if args.resume or os.path.isfile(ckpt_path) else None
+    changes = check_resume(ckpt, ckpt_path, vars(args), env.world_size, args.allow_changed_args) if ckpt else []
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise ConfigError(f"--output-dir {args.output_dir} is a file, not a folder; choose another --output-dir")
+    prepare_data(args, env)
+    loader = build_train_loader(args, env, augment_path(args, env))
+    knn_sets, num_classes = build_knn_sets(args)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = build_model(vars(args)).to(env.device)
+    try:
+        model = build_model(vars(args)).to(env.device)
+    except ValueError as e:  # e.g. a ViT patch size that does not divide the image size
+        raise ConfigError(str(e)) from None
     if env.world_size > 1 and env.device.type == "cuda":  # SyncBatchNorm is CUDA-only in PyTorch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if env.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+        if args.arch in RESNETS:
+            model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, args)
     scaler = torch.amp.GradScaler(env.device.type, enabled=env.device.type == "cuda" and args.amp == "fp16")
-    epoch, start_it = restore(ckpt, ckpt_path, model, optimizer, scaler) if ckpt else (0, 0)
+    start = restore(ckpt, ckpt_path, model, optimizer, scaler) if ckpt else (0, 0)
+    if args.compile:  # in place: the state dict keeps its keys
+        model.backbone.compile()
+        model.momentum_backbone.compile()
+    return loader, knn_sets, num_classes, model, optimizer, scaler, ckpt, start, changes
+
+
+def run(args, env) -> int:
+    """Train, then return the exit status: 0, or cli.EXIT_PREEMPTED after a SIGTERM."""
+    loader, knn_sets, num_classes, model, optimizer, scaler, ckpt, (epoch, start_it), changes = setup(args, env)
     ddp_model = wrap_ddp(model, env.device) if env.world_size > 1 else model
     log_path, save_path = os.path.join(args.output_dir, "log.txt"), os.path.join(args.output_dir, "checkpoint.pth")
-    if env.main:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+    lock, failed = None, None
+    if env.main:  # the first writes: the folder, its lock, args.json
+        try:
+            prepare_output_dir(args.output_dir)
+            lock = RunLock(args.output_dir)
+            with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+                json.dump(vars(args), f, indent=2)
+            for change in changes:
+                print(f"resumed with a changed option (--allow-changed-args): {change}")
+            if changes:
+                append_json(log_path, {"epoch": epoch, "changed_args": changes})
+        except ConfigError as e:
+            failed = e
+    if not distributed.all_ok(failed is None, env.device):
+        raise failed or ConfigError(f"rank 0 cannot use --output-dir {args.output_dir}")
+    try:
+        return train_epochs(model, ddp_model, loader, optimizer, scaler, knn_sets, num_classes, ckpt, epoch,
+                            start_it, args, env)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train_epochs(model, ddp_model, loader, optimizer, scaler, knn_sets, num_classes, ckpt, epoch, start_it,
+                 args, env) -> int:
+    """The epoch loop. After each epoch: the log line is ready, the checkpoint is saved, and
+    only then does the kNN monitor run, so a SIGTERM during the monitor (or the save, or a
+    wait for data) loses nothing: the run stops within seconds with a complete checkpoint."""
+    log_path, save_path = os.path.join(args.output_dir, "log.txt"), os.path.join(args.output_dir, "checkpoint.pth")
     baseline = ckpt.get("knn_random_init") if ckpt else None
+
+    def save(epoch, step_in_epoch=0, log=None):  # (epoch, step) = where training continues
+        error = None
+        if env.main:
+            try:
+                save_checkpoint(save_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                            "scaler": scaler.state_dict(), "epoch": epoch,
+                                            "step_in_epoch": step_in_epoch, "world_size": env.world_size,
+                                            "knn_random_init": baseline, "args": vars(args)})
+            except ConfigError as e:
+                error = e
+                if log:  # the epoch's figures are kept even when its checkpoint could not be
+                    append_json(log_path, log)
+        if not distributed.all_ok(error is None, env.device):
+            raise error or ConfigError("rank 0 could not save the checkpoint; see its error")
+
     if epoch == 0 and start_it == 0:  # every run measures its own random-init baseline
         baseline = monitor_knn(model, knn_sets, num_classes, args, env, "random init")
+        if baseline is None:
+            return preempted(env, "before training; nothing was saved")
         if env.main:
             append_json(log_path, {"epoch": 0, "knn_top1": baseline})
-
-    def save(epoch, step_in_epoch=0):  # (epoch, step) = where training continues
-        if env.main:
-            save_checkpoint(save_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                        "scaler": scaler.state_dict(), "epoch": epoch,
-                                        "step_in_epoch": step_in_epoch, "knn_random_init": baseline,
-                                        "args": vars(args)})
-
     end = min(args.epochs, args.stop_after_epoch or args.epochs)
     if epoch >= end and env.main:
         print(f"{save_path} is at epoch {epoch}: nothing to train (--epochs {args.epochs})")
+    labelled = num_classes > 1  # a folder with one class has no labels to compare neighbours with
     for epoch in range(epoch, end):
-        sampler.set_epoch(epoch, skip=start_it * (args.batch_size // env.world_size))
-        torch.manual_seed(args.seed + 1000 * epoch + 100 * start_it + env.rank)  # reproducible augmentations
-        log, it, stopped = train_one_epoch(model, ddp_model, loader, optimizer, scaler, epoch, start_it, steps,
-                                           args, env)
+        loader.set_epoch(epoch, start_it)
+        skipped = loader.skipped()
+        log, it, stopped = train_one_epoch(model, ddp_model, loader, optimizer, scaler, epoch, start_it, args, env,
+                                           labelled)
         start_it = 0
         distributed.average_batchnorm_stats(model)  # CPU ranks: one set of statistics to eval and save
-        if stopped and it < steps:
+        if stopped and it < loader.steps:
             save(epoch, it)
-            if env.main:
-                print(f"SIGTERM: saved {save_path} at epoch {epoch + 1}, iteration {it}; rerun the same command "
-                      "to resume from there")
-            return
-        if epoch + 1 == args.epochs or (args.knn_every > 0 and (epoch + 1) % args.knn_every == 0):
-            log["knn_top1"] = monitor_knn(model, knn_sets, num_classes, args, env, f"epoch {epoch + 1}")
-            if epoch + 1 == args.epochs and baseline is not None and env.main:  # the demo's two figures
-                print(f"kNN top-1: random init {baseline:.2f}% -> after {args.epochs} epochs {log['knn_top1']:.2f}%")
-        save(epoch + 1)
+            return preempted(env, f"at epoch {epoch + 1}, iteration {it}; saved {save_path}")
+        log["skipped_images"] = int(distributed.all_reduce_sum(
+            torch.tensor([loader.skipped() - skipped], device=env.device)).item())
+        save(epoch + 1, log=log)
+        due = epoch + 1 == args.epochs or (args.knn_every > 0 and (epoch + 1) % args.knn_every == 0)
+        if due and not stopped:
+            knn = monitor_knn(model, knn_sets, num_classes, args, env, f"epoch {epoch + 1}")
+            stopped = knn is None
+            log.update({"knn_top1": knn} if knn is not None else {"knn_interrupted": True})
         if env.main:
             append_json(log_path, log)
             print(json.dumps(log))
-        if stopped:  # SIGTERM during the epoch's last step: the epoch is complete and saved
-            if env.main:
-                print(f"SIGTERM: saved {save_path} after epoch {epoch + 1}; rerun the same command to resume")
-            return
+        if stopped:
+            return preempted(env, f"after epoch {epoch + 1}; saved {save_path}")
+        if epoch + 1 == args.epochs and baseline is not None and env.main:  # the run's closing figures
+            print(summary_line(baseline, log, args.epochs))
     distributed.barrier()
+    return 0
+
+
+def summary_line(baseline: float, log: dict, epochs: int) -> str:
+    """kNN before and after; with labels, how the last epoch's neighbours and w did."""
+    line = f"kNN top-1: random init {baseline:.2f}% -> after {epochs} epochs {log['knn_top1']:.2f}%"
+    if "nn_agree" in log:
+        auroc = "n/a" if log["w_auroc"] is None else f"{log['w_auroc']:.3f}"
+        line += (f"; last epoch: {100 * log['nn_agree']:.1f}% of neighbours share the class, w AUROC same vs "
+                 f"other class {auroc}")
+    return line
+
+
+def preempted(env, where: str) -> int:
+    if env.main:
+        print(f"SIGTERM: stopped {where}; rerun the same command to resume (exit status {cli.EXIT_PREEMPTED})")
+    return cli.EXIT_PREEMPTED
 
 
 def main(argv=None) -> None:
+    """Parse, train, exit: status 0 when done, 143 after a SIGTERM, 1 with one `error:` line."""
     args = resolve_args(get_args_parser().parse_args(argv))
-    previous = None
+    env, previous, status = None, None, 0
     try:
         try:
             env = distributed.init_distributed(args.device)
@@ -378,14 +532,15 @@ def main(argv=None) -> None:
             raise ConfigError(str(e)) from None
         if threading.current_thread() is threading.main_thread():  # SIGTERM: finish the step, save, exit
             previous = signal.signal(signal.SIGTERM, lambda *_: env.stop.set())
-        run(args, env)
+        status = run(args, env)
     except (ConfigError, DataError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        cli.fail(e, show=env is None or env.main)  # under torchrun rank 0 alone prints it
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         distributed.cleanup()
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ from PIL import Image, ImageDraw
 from checkpoint import load_checkpoint, load_state
 from data import IMAGENET_MEAN_STD, MEAN_STD, build_dataset, eval_transform, fixed_subset
 from memory_queue import MemoryQueue
-from model import SNCLR
-from train import build_model
+from model import SNCLR, build_model
+
 
 GREEN, RED, GREY, BLACK, WHITE = (30, 150, 60), (200, 40, 40), (150, 150, 150), (0, 0, 0), (255, 255, 255)
 

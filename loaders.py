@@ -1,0 +1,216 @@
+"""How image pairs reach the training step: three paths behind one interface (--augment-device).
+
+  workers     DataLoader workers run data.py's PIL transforms: the readable reference of the
+              augmentations, and the default when training on the CPU.
+  cuda / cpu  the same augmentations batched on that device (augment.py):
+              - small in-memory data sets (fashion-mnist, cifar10/100, fake): the whole uint8
+                training set lives on the device; no worker processes; each step gathers its
+                images there and makes both views there;
+              - imagenet / folder: workers only decode, crop each view to its final size and
+                flip (data.CropToUint8) and hand over uint8 tensors, pinned and copied without
+                blocking; colour, blur, solarize and normalisation run batched on the device.
+                Decoding and cropping stay in the workers because they shrink the image (a
+                500x375 JPEG to 224x224 uint8) before it crosses to the GPU; everything after
+                the crop is per-pixel float work, which the GPU does for a whole batch at once.
+
+Every path walks one epoch of the same seeded, rank-sharded order (data.EpochSampler), skips
+the steps already trained on when an epoch is resumed, and yields ((x1, x2), y) on the training
+device. Random numbers are tied to the data, not to the process: each image's worker-side
+randomness is seeded by (seed, epoch, index) and each step's batched augmentation by (seed,
+epoch, step, rank), so the number of workers does not change a run and a resumed epoch repeats
+the interrupted one exactly.
+"""
+import hashlib
+
+import numpy as np
+import torch
+
+import augment
+from data import (IMAGENET_MEAN_STD, MEAN_STD, NUM_CLASSES, CropToUint8, DataError, EpochSampler, FashionMNIST,
+                  SkipUnreadable, TwoViews, build_dataset, eval_transform, fixed_subset, ignore_sigterm,
+                  two_view_transforms)
+
+RESIDENT = ("fashion-mnist", "cifar10", "cifar100", "fake")  # held on the device by the batched path
+AUGMENT_DEVICES = ("auto", "workers", "cpu", "cuda")
+
+
+def derived_seed(*parts) -> int:
+    """A 64-bit seed from several integers (seed, epoch, step, ...), different for each tuple."""
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little")
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """dataset[(epoch, i)] = the base dataset's item i, its random transform seeded by
+    (seed, epoch, i): the same augmentation whichever worker draws it, and on resume."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        torch.default_generator.manual_seed(derived_seed(self.seed, epoch, i))  # CPU generator only
+        return self.dataset[i]
+
+
+class EpochItems(torch.utils.data.Sampler):
+    """The EpochSampler's indices as (epoch, index) keys for SeededItems."""
+
+    def __init__(self, sampler: EpochSampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        return ((self.sampler.epoch, i) for i in self.sampler)
+
+    def __len__(self):
+        return len(self.sampler)
+
+
+def resident_arrays(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """A data set as one uint8 tensor (N, C, H, W) and its labels (N,): straight from the
+    arrays where it has them (Fashion-MNIST, CIFAR), else image by image (FakeData)."""
+    indices = None
+    if isinstance(dataset, torch.utils.data.Subset):
+        dataset, indices = dataset.dataset, torch.as_tensor(dataset.indices)
+    if isinstance(dataset, SkipUnreadable):
+        dataset = dataset.dataset
+    if isinstance(dataset, FashionMNIST):
+        images, labels = torch.from_numpy(dataset.images.copy())[:, None], torch.as_tensor(dataset.labels)
+    elif hasattr(dataset, "data") and hasattr(dataset, "targets"):  # torchvision CIFAR: (N, H, W, 3)
+        images, labels = torch.from_numpy(dataset.data).permute(0, 3, 1, 2), torch.as_tensor(dataset.targets)
+    else:
+        pairs = [dataset[i] for i in range(len(dataset))]  # PIL images (no transform) and labels
+        images = torch.stack([torch.as_tensor(np.array(img.convert("RGB"))) for img, _ in pairs])  # (N, H, W, 3)
+        images, labels = images.permute(0, 3, 1, 2), torch.as_tensor([y for _, y in pairs])
+    if indices is not None:
+        images, labels = images[indices], labels[indices]
+    return images.contiguous(), labels.long()                       # (N, C, H, W) uint8, (N,)
+
+
+class PILBatches:
+    """The workers path: a DataLoader whose workers return normalised float views."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device = loader, device
+
+    def __iter__(self):
+        for (x1, x2), y in self.loader:
+            yield ((x1.to(self.device, non_blocking=True), x2.to(self.device, non_blocking=True)),
+                   y.to(self.device, non_blocking=True))
+
+
+class ResidentImages:
+    """uint8 batches gathered on the device from a training set that lives there."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, sampler: EpochSampler, batch: int):
+        self.images, self.labels, self.sampler, self.batch = images, labels, sampler, batch
+
+    def __iter__(self):
+        order = torch.tensor(list(self.sampler), device=self.images.device)  # (n,) this rank's epoch
+        for start in range(0, len(order) - self.batch + 1, self.batch):      # drop the last partial batch
+            idx = order[start:start + self.batch]                              # (B,)
+            yield self.images[idx], self.labels[idx]                           # (B, C, H, W), (B,)
+
+
+class DeviceAugmented:
+    """The batched path: uint8 batches (from ResidentImages or worker crops) augmented on the
+    device into both views, each step's parameters seeded by (seed, epoch, step, rank)."""
+
+    def __init__(self, source, sampler: EpochSampler, device, image_size: int, crop_min: float,
+                 mean_std, seed: int, rank: int, crop: bool, batch: int):
+        self.source, self.sampler, self.device, self.size = source, sampler, device, image_size
+        self.crop_min, self.mean_std, self.seed, self.rank, self.crop = crop_min, mean_std, seed, rank, crop
+        self.batch = batch
+
+    def __iter__(self):
+        generator = torch.Generator(device=self.device)
+        first = self.sampler.skip // self.batch  # the step this (possibly resumed) epoch starts at
+        for step, (images, y) in enumerate(self.source, start=first):
+            images = images.to(self.device, non_blocking=True)                # (B, C, H, W) uint8
+            generator.manual_seed(derived_seed(self.seed, self.sampler.epoch, step, self.rank))
+            views = augment.two_views(images, self.size, self.crop_min, *self.mean_std, generator,
+                                      crop=self.crop)                          # 2 x (B, 3, size, size)
+            yield views, y.to(self.device, non_blocking=True)
+
+
+def check_fits(images: torch.Tensor, device: torch.device) -> None:
+    """The resident training set must leave the device room for the model: at most half its
+    free memory (checked before anything is written)."""
+    if device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    if images.numel() > free // 2:
+        raise DataError(f"the training set needs {images.numel() / 2**30:.1f} GiB as uint8, more than half of the "
+                        f"{free / 2**30:.1f} GiB free on {device}; use --augment-device workers")
+
+
+def build_train_loader(args, env, path: str) -> "TrainLoader":
+    """The training batches of a run: its dataset, subset, sampler and augmentation path.
+
+    path: "workers", "cpu" or "cuda" (train.py resolves --augment-device auto and checks that a
+    batched path runs on the training device).
+    """
+    batch, dev = args.batch_size // env.world_size, env.device
+    batched, resident = path != "workers", args.dataset in RESIDENT
+    if not batched:
+        transform = TwoViews(*two_view_transforms(args.dataset, args.image_size, args.crop_min))
+    else:
+        transform = None if resident else TwoViews(*[CropToUint8(args.image_size, args.crop_min)] * 2)
+    skipping = SkipUnreadable(build_dataset(args.dataset, args.data_path, True, transform, False, args.fake_size,
+                                            args.image_size), strict=args.strict_data)
+    train_set = fixed_subset(skipping, args.subset, args.seed)
+    if len(train_set) < args.batch_size:
+        raise DataError(f"{len(train_set)} training images are fewer than one --batch-size {args.batch_size}")
+    sampler = EpochSampler(torch.utils.data.DistributedSampler(train_set, env.world_size, env.rank, shuffle=True,
+                                                               seed=args.seed, drop_last=True))
+    mean_std = MEAN_STD.get(args.dataset, IMAGENET_MEAN_STD)
+    if batched and resident:
+        images, labels = resident_arrays(train_set)
+        check_fits(images, dev)
+        source = ResidentImages(images.to(dev), labels.to(dev), sampler, batch)
+        views = DeviceAugmented(source, sampler, dev, args.image_size, args.crop_min, mean_std, args.seed,
+                                env.rank, crop=True, batch=batch)
+        return TrainLoader(views, sampler, batch)
+    loader = torch.utils.data.DataLoader(SeededItems(train_set, args.seed), batch, sampler=EpochItems(sampler),
+                                         num_workers=args.workers, pin_memory=dev.type == "cuda", drop_last=True,
+                                         worker_init_fn=ignore_sigterm, persistent_workers=args.workers > 0)
+    views = DeviceAugmented(loader, sampler, dev, args.image_size, args.crop_min, mean_std, args.seed, env.rank,
+                            crop=False, batch=batch) if batched else PILBatches(loader, dev)
+    return TrainLoader(views, sampler, batch, skipping)
+
+
+def build_knn_sets(args):
+    """The kNN monitor's bank (train split) and queries (test split), eval transform, fixed
+    subsets of --knn-train-size / --knn-test-size; and the number of classes. An unreadable
+    bank image is skipped, an unreadable test image is an error naming it."""
+    t = eval_transform(args.dataset, args.image_size)
+    bank = SkipUnreadable(build_dataset(args.dataset, args.data_path, True, t, False, args.fake_size, args.image_size))
+    test = SkipUnreadable(build_dataset(args.dataset, args.data_path, False, t, False, args.fake_size,
+                                        args.image_size), strict=True)
+    num_classes = NUM_CLASSES.get(args.dataset) or len(bank.dataset.classes)
+    return (fixed_subset(bank, args.knn_train_size, args.seed, "--knn-train-size"),
+            fixed_subset(test, args.knn_test_size, args.seed, "--knn-test-size")), num_classes
+
+
+class TrainLoader:
+    """What train.py iterates: set_epoch(epoch, start_step), then ((x1, x2), y) on the device for
+    steps start_step .. steps - 1. `steps` is the number of steps of a whole epoch."""
+
+    def __init__(self, batches, sampler: EpochSampler, batch: int, skipping: SkipUnreadable = None):
+        self.batches, self.sampler, self.batch, self.skipping = batches, sampler, batch, skipping
+        self.steps = len(sampler.base) // batch
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.sampler.set_epoch(epoch, skip=start_step * self.batch)
+
+    def skipped(self) -> int:
+        """Unreadable training images replaced so far (in this process and its workers)."""
+        return self.skipping.skipped.value if self.skipping is not None else 0
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return self.steps - self.sampler.skip // self.batch
