@@ -1,6 +1,9 @@
 """The paper's ablations at equal budget: K = 0 (InfoNCE / MoCo v3), positiveness cosine /
-attention / hard / none, loss form code / paper, and K in {1, 5, 30}, several seeds each,
-beside the untrained encoder of each seed.
+sharper cosine (a temperature) / attention / attention with a learned scale / hard / none, loss
+form code / paper, and K in {1, 5, 30}, several seeds each, beside the untrained encoder of each
+seed. Besides kNN and linear top-1, each row reports what the soft neighbours did in the last
+epoch (neighbour_monitor.py): the share of neighbours of the query's class (nn_agree), the share
+of w that lands on them (w_agree) and the AUROC of w for telling them from other-class ones.
 
 Every run is a plain `train.py` command (printed before it starts) followed by an
 `eval_linear.py --cache-features` linear probe of its checkpoint; the kNN top-1 is train.py's
@@ -10,6 +13,8 @@ mean and spread over seeds. Budget, device and dataset are options, so the same 
 CIFAR or on a GPU:
 
     python ablations.py --epochs 2 --seeds 0 1 2                      # the CPU sweep in README.md
+    python ablations.py --device cuda --epochs 100 --seeds 0 --jobs 4 \\
+        --only infonce cosine cosine-t0.1 attention                    # one GPU, core variants
     python ablations.py --dataset cifar10 --epochs 200 --device cuda \\
         --train-args "--arch resnet18 --batch-size 512 --queue-size 4096 --workers 8"
 """
@@ -21,12 +26,19 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+
+from checkpoint import read_log
 
 # name -> train.py options on top of the base recipe; "cosine" is the default SNCLR (K = 5).
+# The order is the order of the runs: the core variants first.
 VARIANTS = {
     "infonce": ["-K", "0"],
     "cosine": [],
+    "cosine-t0.1": ["--positiveness-t", "0.1"],
     "attention": ["--positiveness", "attention"],
+    "attention-gamma": ["--positiveness", "attention", "--learn-gamma"],
+    "cosine-t0.03": ["--positiveness-t", "0.03"],
     "hard": ["--positiveness", "hard"],
     "none": ["--positiveness", "none"],
     "paper-form": ["--loss-form", "paper"],
@@ -50,14 +62,32 @@ def get_args_parser():
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--train-args", default=BASE, help="base train.py options shared by every run")
     p.add_argument("--probe-epochs", type=int, default=100, help="linear probe epochs (cached features)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (a GPU has room for several small "
+                   "runs; their output goes to RUNS/<run>/stdout.txt)")
     p.add_argument("--runs", default="runs/ablations", help="train.py output dirs")
     p.add_argument("--results", default="results", help="where the JSON results go")
     return p
 
 
-def run(cmd: list) -> None:
+def run(cmd: list, log_file=None) -> None:
+    """Run a command (printed first); with log_file its output goes there instead of here."""
     print("+", shlex.join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    if log_file is None:
+        subprocess.run(cmd, check=True)
+        return
+    with open(log_file, "w") as f:
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
+
+
+def probe(checkpoint: str, seed: int, args, *extra) -> list:
+    """eval_linear.py's cached-feature linear probe (the Evaluation section of README.md)."""
+    return [sys.executable, "eval_linear.py", checkpoint, "--cache-features", "--epochs", str(args.probe_epochs),
+            "--batch-size", "256", "--lr", "0.5", "--workers", "1", "--device", args.device, "--seed", str(seed),
+            *extra]
+
+
+# Last-epoch figures of the neighbour-quality monitor carried into each row.
+QUALITY = ("nn_agree", "nn_top1_agree", "w_agree", "w_same", "w_other", "w_auroc")
 
 
 def one_run(name: str, seed: int, args) -> dict:
@@ -69,17 +99,18 @@ def one_run(name: str, seed: int, args) -> dict:
     if args.data_path:
         train += ["--data-path", args.data_path]
     start = time.time()
-    run(train)
-    probe = [sys.executable, "eval_linear.py", os.path.join(out, "checkpoint.pth"), "--cache-features",
-             "--epochs", str(args.probe_epochs), "--batch-size", "256", "--lr", "0.5", "--workers", "1",
-             "--device", args.device, "--seed", str(seed)]
-    run(probe)
-    log = [json.loads(line) for line in open(os.path.join(out, "log.txt"))]
+    os.makedirs(out, exist_ok=True)
+    log_file = os.path.join(out, "stdout.txt") if args.jobs > 1 else None
+    run(train, log_file)
+    run(probe(os.path.join(out, "checkpoint.pth"), seed, args), log_file and log_file + ".probe")
+    log = read_log(os.path.join(out, "log.txt"))
     with open(os.path.join(out, "eval_linear", "results.txt")) as f:
         linear = json.loads(f.read().splitlines()[-1])
+    last = log[-1]
     return {"variant": name, "seed": seed, "epochs": args.epochs, "dataset": args.dataset,
-            "knn_random_init": log[0]["knn_top1"], "knn_top1": log[-1]["knn_top1"],
-            "linear_top1": linear["top1"], "final_loss": log[-1]["loss"], "w_mean": log[-1]["w_mean"],
+            "knn_random_init": log[0]["knn_top1"], "knn_top1": last["knn_top1"],
+            "linear_top1": linear["top1"], "final_loss": last["loss"], "w_mean": last["w_mean"],
+            **{k: last[k] for k in QUALITY + ("gamma",) if k in last},
             "images_per_s": statistics.mean(e["images_per_s"] for e in log[1:]),
             "minutes": (time.time() - start) / 60, "command": shlex.join(train)}
 
@@ -88,10 +119,8 @@ def random_init_row(seed: int, args) -> dict:
     """The untrained encoder of the same seed: kNN from train.py's own "random init" monitor
     (the first line of every log), linear top-1 from the same probe with --random-init."""
     out = os.path.join(args.runs, f"{args.only[0]}_s{seed}")  # any run of this seed: same arch and data
-    run([sys.executable, "eval_linear.py", os.path.join(out, "checkpoint.pth"), "--random-init",
-         "--cache-features", "--epochs", str(args.probe_epochs), "--batch-size", "256", "--lr", "0.5",
-         "--workers", "1", "--device", args.device, "--seed", str(seed)])
-    log = [json.loads(line) for line in open(os.path.join(out, "log.txt"))]
+    run(probe(os.path.join(out, "checkpoint.pth"), seed, args, "--random-init"))
+    log = read_log(os.path.join(out, "log.txt"))
     with open(os.path.join(out, "eval_linear_random", "results.txt")) as f:
         linear = json.loads(f.read().splitlines()[-1])
     return {"variant": "random-init", "seed": seed, "epochs": 0, "dataset": args.dataset,
@@ -107,9 +136,9 @@ def summarise(rows: list) -> dict:
         if not mine:
             continue
         entry = {"seeds": [r["seed"] for r in mine]}
-        for key in ("knn_top1", "linear_top1", "knn_random_init", "w_mean", "minutes"):
-            vals = [r[key] for r in mine if key in r]
-            if not vals:  # the random-init row has no positiveness and no training time
+        for key in ("knn_top1", "linear_top1", "knn_random_init", "w_mean", *QUALITY, "gamma", "minutes"):
+            vals = [r[key] for r in mine if r.get(key) is not None]
+            if not vals:  # e.g. the random-init row has no positiveness; InfoNCE no neighbours
                 continue
             entry[key] = {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
                           "min": min(vals), "max": max(vals)}
@@ -118,28 +147,40 @@ def summarise(rows: list) -> dict:
 
 
 def markdown(table: dict) -> str:
-    lines = ["| variant | kNN top-1 | linear top-1 | mean w | seeds |", "|---|---|---|---|---|"]
+    lines = ["| variant | kNN top-1 | linear top-1 | mean w | nn_agree | w_agree | w AUROC | seeds |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, e in table.items():
-        fmt = lambda k: f"{e[k]['mean']:.2f} ± {e[k]['std']:.2f}"  # noqa: E731
-        w = f"{e['w_mean']['mean']:.3f}" if "w_mean" in e else "-"
-        lines.append(f"| {name} | {fmt('knn_top1')} | {fmt('linear_top1')} | {w} | {len(e['seeds'])} |")
+        def fmt(key, digits=2, scale=1.0):
+            if key not in e:
+                return "-"
+            return f"{scale * e[key]['mean']:.{digits}f} ± {scale * e[key]['std']:.{digits}f}"
+        lines.append(f"| {name} | {fmt('knn_top1')} | {fmt('linear_top1')} | {fmt('w_mean', 3)} | "
+                     f"{fmt('nn_agree', 1, 100)} | {fmt('w_agree', 1, 100)} | {fmt('w_auroc', 3)} | "
+                     f"{len(e['seeds'])} |")
     return "\n".join(lines)
+
+
+def result(name: str, seed: int, args) -> dict:
+    """A finished run's figures, running it first if its result file does not exist yet."""
+    path = os.path.join(args.results, f"ablation_{name}_s{seed}.json")
+    if not os.path.exists(path):
+        row = random_init_row(seed, args) if name == "random-init" else one_run(name, seed, args)
+        with open(path + ".tmp", "w") as f:
+            json.dump(row, f, indent=2)
+        os.replace(path + ".tmp", path)  # only finished runs leave a result
+    with open(path) as f:
+        return json.load(f)
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    if args.jobs < 1:
+        raise SystemExit(f"error: --jobs must be >= 1, got {args.jobs}")
     os.makedirs(args.results, exist_ok=True)
-    rows = []
-    for seed in args.seeds:
-        for name in [*args.only, "random-init"]:  # the baseline last: it reuses a run's checkpoint
-            path = os.path.join(args.results, f"ablation_{name}_s{seed}.json")
-            if not os.path.exists(path):
-                row = random_init_row(seed, args) if name == "random-init" else one_run(name, seed, args)
-                with open(path + ".tmp", "w") as f:
-                    json.dump(row, f, indent=2)
-                os.replace(path + ".tmp", path)  # only finished runs leave a result
-            with open(path) as f:
-                rows.append(json.load(f))
+    with ThreadPoolExecutor(args.jobs) as pool:  # each job is a train.py process
+        trained = [pool.submit(result, name, seed, args) for seed in args.seeds for name in args.only]
+        rows = [job.result() for job in trained]
+    rows += [result("random-init", seed, args) for seed in args.seeds]  # reuses a run's checkpoint
     table = summarise(rows)
     with open(os.path.join(args.results, "ablations.json"), "w") as f:
         json.dump({"rows": rows, "summary": table}, f, indent=2)

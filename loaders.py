@@ -128,7 +128,9 @@ class DeviceAugmented:
         generator = torch.Generator(device=self.device)
         first = self.sampler.skip // self.batch  # the step this (possibly resumed) epoch starts at
         for step, (images, y) in enumerate(self.source, start=first):
-            images = images.to(self.device, non_blocking=True)                # (B, C, H, W) uint8
+            # one batch (B, C, H, W) uint8 that both views crop, or the workers' two crops of it
+            images = (images.to(self.device, non_blocking=True) if torch.is_tensor(images) else
+                      [view.to(self.device, non_blocking=True) for view in images])
             generator.manual_seed(derived_seed(self.seed, self.sampler.epoch, step, self.rank))
             views = augment.two_views(images, self.size, self.crop_min, *self.mean_std, generator,
                                       crop=self.crop)                          # 2 x (B, 3, size, size)
