@@ -34,21 +34,27 @@ def state_bytes(state) -> int:
 
 def save_checkpoint(path: str, state: dict) -> None:
     """Plain tensors and dicts (loadable with weights_only=True), written atomically: to
-    PATH.tmp, then renamed, so a crash or a full disk never leaves a truncated PATH behind.
+    PATH.tmp, flushed to the disk, then renamed, so a crash or a full disk never leaves a
+    truncated PATH behind.
 
-    A failed write removes PATH.tmp and raises one ConfigError line; a full disk says so and
-    how much room the save needs (the old checkpoint stays until the new one is complete).
+    torch.save is given an open file rather than a name: its own writer reports a full disk as
+    "inline_container ... unexpected pos", while Python's file reports ENOSPC. A failed write
+    removes PATH.tmp and raises one ConfigError line; a full disk says so and how much room the
+    save needs (the previous checkpoint stays until the new one is complete).
     """
     tmp = path + ".tmp"
     try:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # a full disk surfaces as a RuntimeError from torch's writer
+    except (OSError, RuntimeError) as e:
         if os.path.lexists(tmp):
             os.remove(tmp)
         folder = os.path.dirname(os.path.abspath(path))
-        need, free = state_bytes(state), shutil.disk_usage(folder).free
-        if getattr(e, "errno", None) == errno.ENOSPC or "write failed" in str(e) or free < need:
+        if getattr(e, "errno", None) == errno.ENOSPC:
+            need, free = state_bytes(state), shutil.disk_usage(folder).free
             raise ConfigError(f"no space left on {folder}: saving {os.path.basename(path)} needs about "
                               f"{need / 2**20:.0f} MiB free beside the previous checkpoint, "
                               f"{free / 2**20:.0f} MiB are; free some space and rerun to resume") from None

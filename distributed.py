@@ -3,12 +3,14 @@
 A plain `python train.py` is one process and never creates a process group; every function
 here then degenerates to the identity, so the same training step runs everywhere.
 """
+import inspect
 import os
 import threading
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -107,3 +109,14 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+    """DDP for gradient averaging only. No buffer broadcast before each forward: the queue
+    (65536 x 256 floats) is identical on every rank by construction, and CPU ranks average their
+    BatchNorm statistics once per epoch (SyncBatchNorm is CUDA-only). Newer PyTorch renamed the
+    option."""
+    option = "forward_sync_buffers" if "forward_sync_buffers" in \
+        inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers"
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                   **{option: False})

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 import augment
+from distributed import all_ok
 from data import (IMAGENET_MEAN_STD, MEAN_STD, NUM_CLASSES, CropToUint8, DataError, EpochSampler, FashionMNIST,
                   SkipUnreadable, TwoViews, build_dataset, eval_transform, fixed_subset, ignore_sigterm,
                   two_view_transforms)
@@ -183,12 +184,26 @@ def build_train_loader(args, env, path: str) -> "TrainLoader":
     return TrainLoader(views, sampler, batch, skipping)
 
 
+def prepare_dataset(args, env) -> None:
+    """Rank 0 downloads first (when the dataset can be, and a network exists); every rank
+    learns whether that failed (this is also the barrier after the download)."""
+    failed = None
+    if env.main:
+        try:
+            build_dataset(args.dataset, args.data_path, True, None, True, args.fake_size, args.image_size)
+        except DataError as e:
+            failed = e
+    if not all_ok(failed is None, env.device):
+        raise failed or DataError(f"rank 0 could not prepare --dataset {args.dataset}; see its error")
+
+
 def build_knn_sets(args):
     """The kNN monitor's bank (train split) and queries (test split), eval transform, fixed
     subsets of --knn-train-size / --knn-test-size; and the number of classes. An unreadable
-    bank image is skipped, an unreadable test image is an error naming it."""
+    bank image is skipped (unless --strict-data), an unreadable test image is an error naming it."""
     t = eval_transform(args.dataset, args.image_size)
-    bank = SkipUnreadable(build_dataset(args.dataset, args.data_path, True, t, False, args.fake_size, args.image_size))
+    bank = SkipUnreadable(build_dataset(args.dataset, args.data_path, True, t, False, args.fake_size, args.image_size),
+                          strict=args.strict_data)
     test = SkipUnreadable(build_dataset(args.dataset, args.data_path, False, t, False, args.fake_size,
                                         args.image_size), strict=True)
     num_classes = NUM_CLASSES.get(args.dataset) or len(bank.dataset.classes)

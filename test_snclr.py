@@ -128,6 +128,20 @@ def test_loss_inputs_are_normalised():
     assert a.item() == pytest.approx(b.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("form", ["code", "paper"])
+def test_losses_keep_float64_to_1e12(form):
+    """Given float64 the equations compute in float64: equal to the loop (Python floats) to 1e-12."""
+    g = torch.Generator().manual_seed(2)
+    z, keys = torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(6, 5, generator=g, dtype=torch.float64)
+    nb, w = torch.randn(6, 4, 5, generator=g, dtype=torch.float64), torch.rand(3, 4, generator=g, dtype=torch.float64)
+    got = snclr_loss(z, keys, nb, w, 0.2, 1, form)
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(loop_snclr(z, keys, nb, w, 0.2, 1, form), rel=1e-12)
+    assert info_nce(z, keys, 0.3, 1).item() == pytest.approx(loop_info_nce(z, keys, 0.3, 1), rel=1e-12)
+    # and never below float32: bf16 inputs are computed in float32
+    assert snclr_loss(z.bfloat16(), keys.bfloat16(), nb.bfloat16(), w.bfloat16(), 0.2).dtype == torch.float32
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda: info_nce(torch.randn(2, 4), torch.randn(2, 4), 0.0), "tau"),
     (lambda: info_nce(torch.randn(2, 4), torch.randn(2, 5), 0.2), "same D"),
@@ -152,6 +166,45 @@ def test_cosine_positiveness_matches_loop():
         e = [math.exp(cos(y[b], nb[b, i])) for i in range(4)]
         for i in range(4):
             assert w[b, i].item() == pytest.approx(e[i] / sum(e), rel=1e-5)
+
+
+@pytest.mark.parametrize("t", [1.0, 0.1])
+def test_cosine_positiveness_temperature_matches_loop_in_float64(t):
+    y, nb = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 4, 6, dtype=torch.float64)
+    w = Positiveness(6, "cosine", temperature=t)(y, nb)
+    assert w.dtype == torch.float64
+    for b in range(3):
+        e = [math.exp(cos(y[b], nb[b, i]) / t) for i in range(4)]
+        for i in range(4):
+            assert w[b, i].item() == pytest.approx(e[i] / sum(e), rel=1e-12)
+
+
+def test_smaller_temperature_sharpens_and_t1_is_the_released_rule():
+    y, nb = torch.randn(8, 6), torch.randn(8, 5, 6)
+    released = Positiveness(6, "cosine")(y, nb)
+    assert torch.equal(Positiveness(6, "cosine", temperature=1.0)(y, nb), released)
+    sharp = Positiveness(6, "cosine", temperature=0.1)(y, nb)
+    assert (sharp.max(dim=1).values > released.max(dim=1).values).all()
+    assert torch.equal(sharp.argmax(dim=1), released.argmax(dim=1))   # same order, larger spread
+
+
+def test_learned_gamma_starts_at_one_scales_the_logits_and_learns():
+    y, nb = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 4, 6, dtype=torch.float64)
+    att = Positiveness(6, "attention", learn_gamma=True).double()
+    assert att.gamma.item() == 1.0 and torch.allclose(att(y, nb), Positiveness(6, "cosine")(y, nb), atol=1e-12)
+    with torch.no_grad():
+        att.log_gamma.fill_(math.log(3.0))   # gamma = 3: the loop reference with 3 * cos
+    w = att(y, nb)
+    e = [math.exp(3 * cos(y[1], nb[1, i])) for i in range(4)]
+    assert w[1, 2].item() == pytest.approx(e[2] / sum(e), rel=1e-12)
+    z, keys, neighbours = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64), nb
+    snclr_loss(z, keys, neighbours, att(y, nb), 0.2).backward()
+    assert att.log_gamma.grad is not None and att.log_gamma.grad.abs().item() > 0
+    assert "log_gamma" not in dict(Positiveness(6, "attention").named_parameters())  # fixed gamma = 1
+    with pytest.raises(ValueError, match="temperature applies to mode 'cosine' only"):
+        Positiveness(6, "attention", temperature=0.5)
+    with pytest.raises(ValueError, match="learn_gamma applies to mode 'attention' only"):
+        Positiveness(6, "cosine", learn_gamma=True)
 
 
 def test_attention_starts_as_cosine_and_is_learnable():
@@ -249,6 +302,21 @@ def test_queue_state_survives_state_dict_round_trip():
     more = unit(2, 3, seed=7)
     q.enqueue(more), q2.enqueue(more)
     assert torch.equal(q2.features, q.features) and int(q2.ptr) == int(q.ptr)
+
+
+def test_queue_keeps_labels_beside_keys_and_its_fill_level_on_the_host():
+    q = MemoryQueue(5, 3)
+    q.enqueue(unit(3, 3, seed=1), torch.tensor([7, 8, 9]))
+    q.enqueue(unit(3, 3, seed=2))                          # no labels: -1, the wrap overwrites row 0
+    assert q.labels.tolist() == [-1, 8, 9, -1, -1] and len(q) == 5
+    q.enqueue(unit(2, 3, seed=3), torch.tensor([4, 5]))
+    assert q.labels.tolist() == [-1, 4, 5, -1, -1] and int(q.ptr) == 3
+    q2 = MemoryQueue(5, 3)
+    assert len(q2) == 0
+    q2.load_state_dict(q.state_dict())                     # the host copy follows the loaded buffer
+    assert len(q2) == 5 and torch.equal(q2.labels, q.labels)
+    with pytest.raises(ValueError, match=r"labels of shape \(2,\)"):
+        q.enqueue(unit(2, 3, seed=4), torch.tensor([1, 2, 3]))
 
 
 def test_queue_bad_input():
@@ -415,7 +483,8 @@ def _two_rank_worker(rank, port, out_dir):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     distributed.init_distributed("cpu")
-    from train import train_step, wrap_ddp
+    from distributed import wrap_ddp
+    from train import train_step
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     # (1) train_step's loss, averaged over ranks = its loss on the concatenated batch in one process
     m, x1, x2 = _frozen_model_and_batch()
@@ -449,6 +518,73 @@ def test_two_process_gloo(tmp_path):
     assert r0["state"].keys() == r1["state"].keys()
     for key in r0["state"]:  # weights (DDP), queue (same gathered keys), BN statistics (averaged)
         assert torch.allclose(r0["state"][key].float(), r1["state"][key].float(), atol=1e-6), key
+
+
+# ------------------------------------------------------------- neighbour_monitor.py ---
+def loop_auroc(scores, positive):
+    """P(a positive outscores a negative), ties one half: every (positive, negative) pair."""
+    pos = [s for s, p in zip(scores, positive) if p]
+    neg = [s for s, p in zip(scores, positive) if not p]
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def test_auroc_matches_pair_loop_and_analytic_cases():
+    from neighbour_monitor import auroc
+    g = torch.Generator().manual_seed(0)
+    scores = (torch.rand(60, generator=g) * 5).round() / 5        # many ties
+    positive = torch.rand(60, generator=g) < 0.4
+    assert auroc(scores, positive) == pytest.approx(loop_auroc(scores.tolist(), positive.tolist()), abs=1e-12)
+    ordered = torch.arange(10.0)
+    assert auroc(ordered, ordered >= 5) == 1.0 and auroc(ordered, ordered < 5) == 0.0
+    assert auroc(torch.full((10,), 0.2), ordered >= 5) == 0.5     # uniform w (hard, none): chance
+    assert math.isnan(auroc(ordered, torch.ones(10, dtype=torch.bool)))
+
+
+def test_neighbour_quality_matches_loop():
+    from neighbour_monitor import NeighbourQuality
+    g = torch.Generator().manual_seed(1)
+    steps = [(torch.rand(6, 3, generator=g).softmax(1), torch.rand(6, 3, generator=g) < 0.5) for _ in range(3)]
+    quality = NeighbourQuality(torch.device("cpu"), sample_rows=6)
+    for w, same in steps:
+        quality.update(w, same)
+    quality.update(torch.empty(6, 0), torch.empty(6, 0, dtype=torch.bool))  # a step without neighbours
+    got = quality.summary()
+    pairs = [(float(w[r, i]), bool(same[r, i])) for w, same in steps for r in range(6) for i in range(3)]
+    same_w = [w for w, s in pairs if s]
+    other_w = [w for w, s in pairs if not s]
+    assert got["nn_agree"] == pytest.approx(len(same_w) / len(pairs))
+    assert got["nn_top1_agree"] == pytest.approx(sum(bool(s[r, 0]) for _, s in steps for r in range(6)) / 18)
+    assert got["w_agree"] == pytest.approx(sum(same_w) / (sum(same_w) + sum(other_w)))
+    assert got["w_same"] == pytest.approx(sum(same_w) / len(same_w))
+    assert got["w_other"] == pytest.approx(sum(other_w) / len(other_w))
+    assert got["w_auroc"] == pytest.approx(loop_auroc([w for w, _ in pairs], [s for _, s in pairs]))
+    assert NeighbourQuality(torch.device("cpu")).summary() == {}
+
+
+def test_train_step_marks_same_class_neighbours_and_the_loss_ignores_labels():
+    from train import train_step
+    results = []
+    for labels in (torch.tensor([0, 1, 0, 1]), torch.tensor([5, 5, 5, 5])):
+        torch.manual_seed(0)
+        m = SNCLR("resnet18", **TINY, num_neighbors=2, queue_size=16)
+        m.queue.enqueue(unit(6, 16, seed=3), torch.tensor([0, 1, 0, 1, 0, 1]))
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        x1, x2 = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)), \
+            torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+        found = []
+        search = m.queue.nearest_indices
+        m.queue.nearest_indices = lambda q, k: found.append(search(q, k)) or found[-1]
+        queue_labels = m.queue.labels.clone()
+        loss, w, same, _ = train_step(m, m, x1, x2, opt, torch.amp.GradScaler("cpu", enabled=False), 0.99,
+                                      labels=labels)
+        idx1, idx2 = found                                    # view 1's w pairs with NN(k2), view 2's with NN(k1)
+        expected = torch.cat([queue_labels[idx2], queue_labels[idx1]]) == labels.repeat(2)[:, None]
+        assert torch.equal(same, expected) and w.shape == (8, 2)
+        assert m.queue.labels[6:10].tolist() == labels.tolist()   # enqueued beside the view-2 keys
+        results.append((loss.item(), [p.detach().clone() for p in m.parameters()]))
+    (loss_a, params_a), (loss_b, params_b) = results
+    assert loss_a == loss_b and all(torch.equal(a, b) for a, b in zip(params_a, params_b))
 
 
 # ------------------------------------------------------------------------- train.py ---
@@ -542,28 +678,334 @@ def test_sigterm_saves_mid_epoch_and_resumes(tmp_path):
     assert final["knn_random_init"] == log[0]["knn_top1"]         # the baseline survives a resume
 
 
-@pytest.mark.parametrize("extra, message", [
+BAD_TRAIN_INPUT = [
     (["-K", "40"], "-K 40 must be in [0, --queue-size 32]"),
     (["--tau", "0"], "argument --tau: must be a finite number > 0.0, got 0"),
+    (["--tau", "inf"], "argument --tau: must be a finite number > 0.0, got inf"),
+    (["--batch-size", "0"], "argument --batch-size: must be a finite number > 0, got 0"),
+    (["--batch-size", "-16"], "argument --batch-size: must be a finite number > 0, got -16"),
+    (["--workers", "-1"], "argument --workers: must be a finite number >= 0, got -1"),
+    (["--image-size", "0"], "argument --image-size: must be a finite number > 0, got 0"),
+    (["--lr", "-1"], "argument --lr: must be a finite number > 0.0, got -1"),
+    (["--stop-after-epoch", "-1"], "argument --stop-after-epoch: must be a finite number >= 0, got -1"),
+    (["--epochs", "two"], "argument --epochs: expected an integer, got 'two'"),
+    (["--momentum", "1.5"], "--momentum (1.5) and --crop-min (0.2) must be at most 1"),
+    (["--subset", "100000"], "--subset 100000 is larger than the data set (64 images)"),
+    (["--knn-test-size", "999"], "--knn-test-size 999 is larger than the data set (16 images)"),
+    (["--positiveness", "hard", "--positiveness-t", "0.5"], "--positiveness-t applies to --positiveness cosine"),
+    (["--learn-gamma"], "--learn-gamma applies to --positiveness attention, not cosine"),
+    (["--augment-device", "cuda"], "--augment-device cuda must be the training device (cpu); use "
+                                   "--augment-device cpu or workers"),
     (["--dataset", "imagenet", "--data-path", "/nonexistent"], "/nonexistent/train"),
     (["--dataset", "fashion-mnist", "--data-path", "/nonexistent"], "dataset-fashion-mnist"),
-])
-def test_cli_bad_input_fails_with_one_line(tmp_path, extra, message):
-    res = run_cli("train.py", *SMOKE, *extra, "--output-dir", str(tmp_path / "out"))
-    assert res.returncode != 0
-    assert message in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_TRAIN_INPUT)
+def test_cli_bad_input_fails_with_one_line(tmp_path, capsys, extra, message):
+    """Each bad value: one `error:` line, a non-zero exit, and no output folder (in-process: fast)."""
+    import train
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(SMOKE + extra + ["--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code in (1, 2) and message in err, err
+    assert err.startswith("error: ") and err.strip().count("\n") == 0, err
     assert not (tmp_path / "out").exists()
 
 
-def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+def test_cli_bad_folders_fail_with_one_line(tmp_path, capsys):
+    import train
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "val").mkdir()
+    (tmp_path / "a_file").write_text("keep me")
+    cases = [(["--dataset", "folder", "--data-path", str(tmp_path / "empty"), "--output-dir", str(tmp_path / "o")],
+              "holds no images in class sub-folders"),
+             (["--output-dir", str(tmp_path / "a_file")], "is a file, not a folder")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda", "--output-dir", str(tmp_path / "o")], "no CUDA device is visible; "
+                                                                                  "use --device cpu"))
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(SMOKE + argv)  # argparse: the last --device wins
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1 and message in err and err.strip().count("\n") == 0, err
+    assert not (tmp_path / "o").exists() and (tmp_path / "a_file").read_text() == "keep me"
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys):
     import train
     train.main(SMOKE + ["--epochs", "2", "--stop-after-epoch", "1", "--knn-every", "0", "--output-dir", str(tmp_path)])
     before = (tmp_path / "checkpoint.pth").read_bytes()
-    res = run_cli("train.py", *SMOKE, "--epochs", "2", "--knn-every", "0", "--lr", "1e30", "--allow-changed-args",
-                  "--output-dir", str(tmp_path))  # resumes epoch 2 with an exploding learning rate
-    assert res.returncode == 1 and "error: loss is nan between step 4 and 7" in res.stderr, res.stderr[-2000:]
-    assert "resumed with a changed option (--allow-changed-args): lr: 0.1 -> 1e+30" in res.stdout
+    with pytest.raises(SystemExit) as exit_info:   # resumes epoch 2 with an exploding learning rate
+        train.main(SMOKE + ["--epochs", "2", "--knn-every", "0", "--lr", "1e30", "--allow-changed-args",
+                            "--output-dir", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 1 and "error: loss is nan between step 4 and 7" in captured.err, captured.err
+    assert "resumed with a changed option (--allow-changed-args): lr: 0.1 -> 1e+30" in captured.out
     assert (tmp_path / "checkpoint.pth").read_bytes() == before
+
+
+def test_learning_rate_schedule_at_hand_computed_points():
+    import train
+    args = train.resolve_args(train.get_args_parser().parse_args(
+        SMOKE + ["--lr", "0.4", "--batch-size", "512", "--queue-size", "512", "--epochs", "10",
+                 "--warmup-epochs", "2"]))
+    peak = 0.4 * 512 / 256                                              # 0.8: base lr x batch / 256
+    steps = 5                                                           # per epoch
+    assert train.learning_rate(0, steps, args) == 0.0
+    assert train.learning_rate(5, steps, args) == pytest.approx(peak / 2)          # epoch 1 of 2 warm-up
+    assert train.learning_rate(10, steps, args) == pytest.approx(peak)             # end of warm-up
+    assert train.learning_rate(30, steps, args) == pytest.approx(peak / 2)         # cosine half way: 4 of 8
+    assert train.learning_rate(20, steps, args) == pytest.approx(peak * (1 + math.cos(math.pi / 4)) / 2)
+    assert train.learning_rate(50, steps, args) == pytest.approx(0.0, abs=1e-12)   # the end
+
+
+def test_two_view_transforms_carry_the_asymmetric_probabilities():
+    from torchvision import transforms
+    from data import PILGaussianBlur, two_view_transforms
+
+    def probs(view):
+        blur = [t.p for t in view.transforms if isinstance(t, transforms.RandomApply)
+                and isinstance(t.transforms[0], PILGaussianBlur)]
+        solarize = [t.p for t in view.transforms if isinstance(t, transforms.RandomSolarize)]
+        return blur, solarize
+
+    view1, view2 = two_view_transforms("folder", 224, 0.2)
+    assert probs(view1) == ([1.0], [0.0]) and probs(view2) == ([0.1], [0.2])
+    small1, small2 = two_view_transforms("cifar10", 32, 0.2)
+    assert probs(small1) == ([], [0.0]) and probs(small2) == ([], [0.2])   # no blur at <= 64 px
+    crop = [t for t in view1.transforms if isinstance(t, transforms.RandomResizedCrop)][0]
+    assert crop.scale == (0.2, 1.0) and crop.size == (224, 224)
+
+
+def test_resnet_and_vit_defaults_follow_mocov3():
+    import train
+    resnet = train.resolve_args(train.get_args_parser().parse_args(["--arch", "resnet50"]))
+    vit = train.resolve_args(train.get_args_parser().parse_args(["--arch", "vit_small"]))
+    assert (resnet.crop_min, resnet.optimizer, resnet.lr, resnet.tau) == (0.2, "lars", 0.6, 1.0)
+    assert (vit.crop_min, vit.optimizer, vit.lr, vit.tau) == (0.08, "adamw", 1.5e-4, 0.2)
+    assert (resnet.knn_train_size, resnet.knn_test_size) == (100_000, 10_000)      # imagenet monitor subsets
+    m = SNCLR("resnet18", **TINY, num_neighbors=0, queue_size=8)
+    assert all(b.bn2.weight.abs().sum() == 0 for b in m.backbone.layer1)          # zero_init_residual
+    v = SNCLR("vit_tiny", **TINY, num_neighbors=0, queue_size=8).backbone
+    from model import sincos_position_embedding
+    assert torch.equal(v.encoder.pos_embedding, sincos_position_embedding(4, 192))  # fixed, 16 px / 4
+    assert not v.encoder.pos_embedding.requires_grad and v.class_token.abs().max() < 1e-5
+    opt = train.build_optimizer(SNCLR("vit_tiny", **TINY, num_neighbors=0, queue_size=8), vit)
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["weight_decay"] == 0.1  # AdamW decays all
+
+
+def test_sincos_position_embedding_formula():
+    from model import sincos_position_embedding
+    pe = sincos_position_embedding(3, 8)                   # 3 x 3 patches, width 8: d = 2 frequencies
+    assert pe.shape == (1, 10, 8) and torch.equal(pe[0, 0], torch.zeros(8))
+    r, c = 1, 2                                            # token 1 + 3 r + c
+    omega = [1.0, 1.0 / 10000 ** 0.5]
+    expected = [math.sin(r * o) for o in omega] + [math.cos(r * o) for o in omega] + \
+        [math.sin(c * o) for o in omega] + [math.cos(c * o) for o in omega]
+    assert pe[0, 1 + 3 * r + c].tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def copy_run(src, dst):
+    import shutil
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
+    return dst
+
+
+def test_resume_with_changed_options_is_refused_or_logged(smoke_run, tmp_path, capsys):
+    import train
+    run = copy_run(smoke_run, tmp_path / "run")
+    before = (run / "checkpoint.pth").read_bytes()
+    with pytest.raises(SystemExit):
+        train.main(SMOKE + ["--epochs", "3", "--lr", "0.2", "--tau", "0.5", "--output-dir", str(run)])
+    err = capsys.readouterr().err
+    assert "lr: 0.1 -> 0.2; tau: 1.0 -> 0.5" in err and "--allow-changed-args" in err, err
+    assert err.count("\n") == 1 and (run / "checkpoint.pth").read_bytes() == before
+    # options that only change output, monitoring or the length of the run resume freely
+    train.main(SMOKE + ["--epochs", "3", "--stop-after-epoch", "2", "--workers", "1", "--knn-every", "0",
+                        "--output-dir", str(run)])
+    assert torch.load(run / "checkpoint.pth", weights_only=True)["epoch"] == 2
+    train.main(SMOKE + ["--epochs", "3", "--lr", "0.2", "--allow-changed-args", "--knn-every", "0",
+                        "--output-dir", str(run)])
+    out = capsys.readouterr().out
+    assert "resumed with a changed option (--allow-changed-args): lr: 0.1 -> 0.2" in out
+    log = [json.loads(line) for line in (run / "log.txt").read_text().splitlines()]
+    assert {"epoch": 2, "changed_args": ["lr: 0.1 -> 0.2"]} in log and log[-1]["epoch"] == 3
+
+
+def test_mid_epoch_resume_with_another_batch_or_world_size_is_refused(smoke_run, tmp_path, capsys):
+    import train
+    run = copy_run(smoke_run, tmp_path / "run")
+    ckpt = torch.load(run / "checkpoint.pth", weights_only=True)
+    ckpt.update(epoch=1, step_in_epoch=2)                  # as if SIGTERM stopped epoch 2 at step 2
+    torch.save(ckpt, run / "checkpoint.pth")
+    with pytest.raises(SystemExit):                        # even with --allow-changed-args
+        train.main(SMOKE + ["--epochs", "2", "--batch-size", "8", "--allow-changed-args", "--output-dir", str(run)])
+    assert "a mid-epoch resume needs the same batch size and number of processes" in capsys.readouterr().err
+    ckpt["world_size"] = 2
+    torch.save(ckpt, run / "checkpoint.pth")
+    with pytest.raises(SystemExit):
+        train.main(SMOKE + ["--epochs", "2", "--output-dir", str(run)])
+    assert "--batch-size 16 on 2 processes" in capsys.readouterr().err
+
+
+def test_a_second_run_on_the_same_folder_is_refused_and_a_dead_runs_lock_is_not(tmp_path, capsys):
+    import signal
+    import train
+    from checkpoint import RunLock
+    lock = RunLock(str(tmp_path))                          # a run in progress holds the folder
+    with pytest.raises(SystemExit):
+        train.main(SMOKE + ["--epochs", "1", "--output-dir", str(tmp_path)])
+    assert f"{tmp_path} is in use by a running training (pid {os.getpid()})" in capsys.readouterr().err
+    assert not (tmp_path / "log.txt").exists()
+    lock.release()
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {str(HERE)!r}); "
+                               f"from checkpoint import RunLock; RunLock({str(tmp_path)!r}); print(1, flush=True); "
+                               f"time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "1"
+    holder.send_signal(signal.SIGKILL)                     # a crashed run: the OS releases its flock
+    holder.wait()
+    RunLock(str(tmp_path)).release()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_full_disk_keeps_the_log_line_and_leaves_no_partial_file(tmp_path, capsys):
+    import train
+    from checkpoint import ConfigError, save_checkpoint
+    (tmp_path / "checkpoint.pth.tmp").symlink_to("/dev/full")   # every write to the .tmp: ENOSPC
+    with pytest.raises(ConfigError, match=f"no space left on {tmp_path}: saving checkpoint.pth needs about"):
+        save_checkpoint(str(tmp_path / "checkpoint.pth"), {"x": torch.zeros(1000)})
+    assert not os.path.lexists(tmp_path / "checkpoint.pth.tmp")
+    (tmp_path / "checkpoint.pth.tmp").symlink_to("/dev/full")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(SMOKE + ["--epochs", "1", "--knn-every", "0", "--output-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "error: no space left on" in err and err.count("\n") == 1, err
+    log = [json.loads(line) for line in (tmp_path / "log.txt").read_text().splitlines()]
+    assert [e["epoch"] for e in log] == [0, 1] and "loss" in log[1]     # the epoch's figures are kept
+    assert not os.path.lexists(tmp_path / "checkpoint.pth.tmp") and not (tmp_path / "checkpoint.pth").exists()
+
+
+def jpeg_folder(root, per_class=4, size=20):
+    from PIL import Image
+    g = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(g.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / split / c / f"{i}.jpg")
+    return root
+
+
+def test_unreadable_training_images_are_skipped_and_counted_or_named(tmp_path, capsys):
+    import train
+    data = jpeg_folder(tmp_path / "data")
+    (data / "train" / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    common = [*SMOKE, "--dataset", "folder", "--data-path", str(data), "--batch-size", "4", "--queue-size", "8",
+              "--epochs", "1", "--knn-every", "0"]
+    train.main(common + ["--output-dir", str(tmp_path / "run")])
+    captured = capsys.readouterr()
+    assert f"warning: skipping unreadable training image {data}/train/a/broken.jpg" in captured.err
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.txt").read_text().splitlines()]
+    assert log[1]["skipped_images"] >= 1
+    with pytest.raises(SystemExit):
+        train.main(common + ["--strict-data", "--output-dir", str(tmp_path / "strict")])
+    err = capsys.readouterr().err
+    assert f"error: cannot read image {data}/train/a/broken.jpg" in err and err.count("\n") == 1, err
+    (data / "train" / "a" / "broken.jpg").unlink()
+    (data / "val" / "b" / "0.jpg").write_bytes(b"truncated")       # a test image: always an error
+    with pytest.raises(SystemExit):
+        train.main(common + ["--output-dir", str(tmp_path / "val")])
+    assert f"error: cannot read image {data}/val/b/0.jpg" in capsys.readouterr().err
+
+
+def test_truncated_idx_file_names_the_file(tmp_path):
+    import gzip
+    from data import DataError, read_idx
+    with gzip.open(tmp_path / "x-idx1-ubyte.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 1]) + (5).to_bytes(4, "big") + bytes(5))
+    assert read_idx(str(tmp_path / "x-idx1-ubyte.gz")).tolist() == [0] * 5
+    whole = (tmp_path / "x-idx1-ubyte.gz").read_bytes()
+    (tmp_path / "cut-idx1-ubyte.gz").write_bytes(whole[:-12])           # the gzip stream cut short
+    with pytest.raises(DataError, match="cut-idx1-ubyte.gz"):
+        read_idx(str(tmp_path / "cut-idx1-ubyte.gz"))
+    with open(tmp_path / "short-idx1-ubyte", "wb") as f:                # the header promises more bytes
+        f.write(bytes([0, 0, 8, 1]) + (9).to_bytes(4, "big") + bytes(5))
+    with pytest.raises(DataError, match="short-idx1-ubyte holds 5 bytes of data but its header promises"):
+        read_idx(str(tmp_path / "short-idx1-ubyte"))
+
+
+def test_sigterm_during_the_knn_monitor_keeps_the_saved_epoch(tmp_path, monkeypatch, capsys):
+    """The epoch's checkpoint is written before its monitor; a SIGTERM (the handler sets the stop
+    event) arriving during the monitor stops it promptly and the run exits 143."""
+    import train
+    calls = []
+
+    def monitor_then_sigterm(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:                               # the monitor after epoch 1, not the random-init one
+            assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 1
+            kwargs["stop"].set()
+        return knn_accuracy(*args, **kwargs)
+
+    from knn import knn_accuracy
+    monkeypatch.setattr(train, "knn_accuracy", monitor_then_sigterm)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(SMOKE + ["--epochs", "2", "--output-dir", str(tmp_path)])
+    assert exit_info.value.code == 143 and "SIGTERM: stopped after epoch 1" in capsys.readouterr().out
+    log = [json.loads(line) for line in (tmp_path / "log.txt").read_text().splitlines()]
+    assert log[-1]["epoch"] == 1 and log[-1]["knn_interrupted"] and "knn_top1" not in log[-1]
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["step_in_epoch"] == 0
+
+
+def test_resident_batches_follow_the_samplers_epoch_order():
+    from data import EpochSampler
+    from loaders import ResidentImages
+    n, batch = 40, 4
+    images = torch.arange(n, dtype=torch.uint8)[:, None, None, None].expand(n, 1, 2, 2).contiguous()
+    sampler = EpochSampler(torch.utils.data.DistributedSampler(range(n), 2, 1, shuffle=True, seed=5, drop_last=True))
+    sampler.set_epoch(3, skip=2 * batch)                     # a resumed epoch: two batches already done
+    order = list(sampler)
+    got = [(x[:, 0, 0, 0].tolist(), y.tolist()) for x, y in ResidentImages(images, torch.arange(n), sampler, batch)]
+    assert [x for x, _ in got] == [y for _, y in got] == [order[i:i + batch] for i in range(0, 12, batch)]
+
+
+def test_mid_epoch_resume_on_the_device_path_is_bit_exact(tmp_path, monkeypatch):
+    """--augment-device cpu (the training set held on the device, augment.py): a run stopped
+    inside epoch 1 and resumed ends with the same weights, queue and statistics as a straight run."""
+    import progress
+    import train
+    common = SMOKE + ["--epochs", "2", "--knn-every", "0", "--augment-device", "cpu", "--print-freq", "1"]
+    train.main(common + ["--output-dir", str(tmp_path / "straight")])
+    read = progress.Progress.read
+
+    def sigterm_at_step_2(self, it, lr):                     # as if SIGTERM had arrived during step 2
+        return read(self, it, lr) or (self.epoch, it) == (0, 2)
+
+    monkeypatch.setattr(progress.Progress, "read", sigterm_at_step_2)
+    with pytest.raises(SystemExit, match="143"):
+        train.main(common + ["--output-dir", str(tmp_path / "resumed")])
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)["step_in_epoch"] == 2
+    monkeypatch.setattr(progress.Progress, "read", read)
+    train.main(common + ["--output-dir", str(tmp_path / "resumed")])
+    a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), \
+        [k for k in a if not torch.equal(a[k], b[k])][:3]
+
+
+def test_pil_path_batches_do_not_depend_on_the_number_of_workers():
+    import train
+    from loaders import build_train_loader
+    batches = []
+    for workers in ("0", "2"):
+        args = train.resolve_args(train.get_args_parser().parse_args(SMOKE + ["--workers", workers]))
+        loader = build_train_loader(args, distributed.Env(0, 1, torch.device("cpu")), "workers")
+        loader.set_epoch(1)
+        batches.append(next(iter(loader)))
+    ((a1, a2), ya), ((b1, b2), yb) = batches
+    assert torch.equal(a1, b1) and torch.equal(a2, b2) and torch.equal(ya, yb) and not torch.equal(a1, a2)
 
 
 def test_batch_must_divide_by_world_size():
@@ -575,10 +1017,12 @@ def test_batch_must_divide_by_world_size():
         train.check_args(args, distributed.Env(0, 3, cpu))
 
 
-def test_cli_refuses_checkpoint_of_another_arch(smoke_run):
+def test_cli_refuses_checkpoint_of_another_arch(smoke_run, capsys):
+    import train
     before = (smoke_run / "checkpoint.pth").read_bytes()
-    res = run_cli("train.py", *SMOKE, "--arch", "resnet34", "--epochs", "3", "--output-dir", str(smoke_run))
-    assert res.returncode != 0 and "arch: 'resnet18' -> 'resnet34'" in res.stderr, res.stderr
+    with pytest.raises(SystemExit):
+        train.main(SMOKE + ["--arch", "resnet34", "--epochs", "3", "--output-dir", str(smoke_run)])
+    assert "arch: 'resnet18' -> 'resnet34'" in capsys.readouterr().err
     assert (smoke_run / "checkpoint.pth").read_bytes() == before
 
 

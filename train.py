@@ -7,7 +7,6 @@ before training and the encoder every --knn-every epochs. SIGTERM saves and exit
 143. See README.md for recipes and measured results.
 """
 import argparse
-import inspect
 import json
 import math
 import os
@@ -18,21 +17,20 @@ import time
 
 import torch
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 import cli
 import distributed
 from checkpoint import (ConfigError, RunLock, append_json, check_resume, load_checkpoint, load_state,
                         prepare_output_dir, save_checkpoint)
 from cli import nonneg_float, nonneg_int, positive_float, positive_int
-from data import DATASETS, FASHION_MNIST_DEB, IMAGE_SIZE, DataError, build_dataset
+from data import DATASETS, FASHION_MNIST_DEB, IMAGE_SIZE, DataError
 from knn import knn_accuracy
 from lars import LARS, param_groups
-from loaders import AUGMENT_DEVICES, build_knn_sets, build_train_loader
+from loaders import AUGMENT_DEVICES, build_knn_sets, build_train_loader, prepare_dataset
 from loss import FORMS
 from model import ARCHS, RESNETS, STEMS, VITS, SNCLR, build_model, momentum_schedule
 from neighbour_monitor import NeighbourQuality
+from progress import Progress
 from positiveness import MODES
 
 # Recipes that differ between ResNets (MoCo v3, LARS) and ViTs (MoCo v3 / released SNCLR, AdamW);
@@ -234,74 +232,6 @@ def train_step(model: SNCLR, ddp_model: nn.Module, x1, x2, optimizer, scaler, mo
     return loss.detach(), w, same, search_s
 
 
-class Progress:
-    """The loop's statistics, kept on the device and read every --print-freq steps.
-
-    Reading them is the loop's only host-device synchronisation and its only per-window
-    collective: sums over ranks, a NaN check, and whether any rank received SIGTERM.
-    """
-
-    def __init__(self, args, env, epoch: int, start_it: int, steps: int):
-        self.args, self.env, self.epoch, self.steps = args, env, epoch, steps
-        self.window = torch.zeros(2, dtype=torch.float64, device=env.device)  # sums of loss and of w
-        self.counts = [0, 0]                                                  # steps, w entries (host)
-        self.totals = torch.zeros(4, dtype=torch.float64)                     # read so far this epoch
-        self.w_max = torch.zeros((), device=env.device)
-        self.first, self.search_s, self.wait_s, self.window_wait = start_it, 0.0, 0.0, 0.0
-        self.start = self.window_start = time.perf_counter()
-        self.bar = tqdm(total=steps, initial=start_it, desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True,
-                        disable=not (env.main and sys.stderr.isatty()))
-
-    def add(self, loss, w, search_s, wait_s) -> None:
-        self.window += torch.stack([loss.double(), w.double().sum()])
-        self.counts = [self.counts[0] + 1, self.counts[1] + w.numel()]
-        if w.numel():
-            self.w_max = torch.maximum(self.w_max, w.max().float())
-        self.search_s += search_s or 0.0
-        self.wait_s += wait_s
-        self.window_wait += wait_s
-        self.bar.update()
-
-    def read(self, it: int, lr: float) -> bool:
-        """Sum the window over ranks; stop on a non-finite loss; True if any rank got SIGTERM."""
-        flag = torch.tensor([float(self.env.stop.is_set())], dtype=torch.float64, device=self.env.device)
-        both = distributed.all_reduce_sum(torch.cat([self.window, flag])).cpu()  # the one sync per window
-        # every rank ran the same steps with the same K: counts agree, sums average over ranks
-        window = torch.cat([both[:2] / self.env.world_size, torch.tensor(self.counts[::-1], dtype=torch.float64)])
-        stop = bool(both[2] > 0)                                # window: loss, w sums, w entries, steps
-        loss = window[0].item() / max(window[3].item(), 1)
-        if not math.isfinite(loss):
-            step = self.epoch * self.steps
-            raise FloatingPointError(f"loss is {loss} between step {step + self.first} and {step + it - 1} "
-                                     f"(epoch {self.epoch + 1}, iterations {self.first}-{it - 1}); stopped, the "
-                                     f"last checkpoint in {self.args.output_dir} is kept")
-        self.totals += window
-        w = window[1].item() / max(window[2].item(), 1)
-        now = time.perf_counter()
-        images_s = (it - self.first) * self.args.batch_size / (now - self.window_start)
-        wait = self.window_wait / (now - self.window_start)
-        if not self.bar.disable:
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", w=f"{w:.3f}", img_s=f"{images_s:.0f}",
-                                 wait=f"{wait:.0%}")
-        elif self.env.main:
-            print(f"epoch {self.epoch + 1}/{self.args.epochs} step {it}/{self.steps} loss {loss:.4f} lr {lr:.3g} "
-                  f"w {w:.3f} images/s {images_s:.0f} data-wait {wait:.0%}", flush=True)
-        self.first, self.window_start, self.window_wait = it, now, 0.0
-        self.window.zero_()
-        self.counts = [0, 0]
-        return stop
-
-    def summary(self, done: int, lr: float, m: float) -> dict:
-        self.bar.close()
-        elapsed = time.perf_counter() - self.start
-        t = self.totals
-        return {"epoch": self.epoch + 1, "loss": t[0].item() / max(t[3].item(), 1), "lr": lr, "momentum": m,
-                "w_mean": t[1].item() / max(t[2].item(), 1), "w_max": distributed.all_gather(self.w_max[None]).max().item(),
-                **({"nn_search_ms": 1000 * self.search_s / done} if self.env.device.type == "cpu" else {}),
-                "images_per_s": done * self.args.batch_size / elapsed, "epoch_s": elapsed,
-                "data_wait_s": self.wait_s, "data_wait_share": self.wait_s / elapsed}
-
-
 def train_one_epoch(model, ddp_model, loader, optimizer, scaler, epoch, start_it, args, env, labelled: bool):
     """Iterations start_it .. steps-1 of one epoch. Returns (log entry, iterations done, stopped).
 
@@ -336,32 +266,8 @@ def train_one_epoch(model, ddp_model, loader, optimizer, scaler, epoch, start_it
         waited = time.perf_counter()
     log = progress.summary(max(it - start_it, 1), lr, m)
     if args.learn_gamma:
-        log["gamma"] = float(model.positiveness.gamma)
+        log["gamma"] = model.positiveness.gamma.item()
     return {**log, **quality.summary()}, it, stop
-
-
-def wrap_ddp(model: nn.Module, device: torch.device) -> DistributedDataParallel:
-    """DDP for gradient averaging only. No buffer broadcast before each forward: the queue
-    (65536 x 256 floats) is identical on every rank by construction, and CPU ranks average their
-    BatchNorm statistics once per epoch (SyncBatchNorm is CUDA-only). Newer PyTorch renamed the
-    option."""
-    option = "forward_sync_buffers" if "forward_sync_buffers" in \
-        inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers"
-    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                   **{option: False})
-
-
-def prepare_data(args, env) -> None:
-    """Rank 0 downloads first (when the dataset can be, and a network exists); every rank
-    learns whether that failed (this is also the barrier after the download)."""
-    failed = None
-    if env.main:
-        try:
-            build_dataset(args.dataset, args.data_path, True, None, True, args.fake_size, args.image_size)
-        except DataError as e:
-            failed = e
-    if not distributed.all_ok(failed is None, env.device):
-        raise failed or DataError(f"rank 0 could not prepare --dataset {args.dataset}; see its error")
 
 
 def monitor_knn(model, knn_sets, num_classes, args, env, tag: str):
@@ -392,7 +298,7 @@ def setup(args, env):
     changes = check_resume(ckpt, ckpt_path, vars(args), env.world_size, args.allow_changed_args) if ckpt else []
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise ConfigError(f"--output-dir {args.output_dir} is a file, not a folder; choose another --output-dir")
-    prepare_data(args, env)
+    prepare_dataset(args, env)
     loader = build_train_loader(args, env, augment_path(args, env))
     knn_sets, num_classes = build_knn_sets(args)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
@@ -418,8 +324,8 @@ def setup(args, env):
 def run(args, env) -> int:
     """Train, then return the exit status: 0, or cli.EXIT_PREEMPTED after a SIGTERM."""
     loader, knn_sets, num_classes, model, optimizer, scaler, ckpt, (epoch, start_it), changes = setup(args, env)
-    ddp_model = wrap_ddp(model, env.device) if env.world_size > 1 else model
-    log_path, save_path = os.path.join(args.output_dir, "log.txt"), os.path.join(args.output_dir, "checkpoint.pth")
+    ddp_model = distributed.wrap_ddp(model, env.device) if env.world_size > 1 else model
+    log_path = os.path.join(args.output_dir, "log.txt")
     lock, failed = None, None
     if env.main:  # the first writes: the folder, its lock, args.json
         try:
