@@ -995,6 +995,16 @@ def test_mid_epoch_resume_on_the_device_path_is_bit_exact(tmp_path, monkeypatch)
         [k for k in a if not torch.equal(a[k], b[k])][:3]
 
 
+def test_a_resident_set_too_large_for_the_gpu_is_refused_with_the_option_to_use(monkeypatch):
+    from data import DataError
+    from loaders import check_fits
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 * 2**20, 80 * 2**30))  # 3 MiB free
+    check_fits(torch.zeros(2**20, dtype=torch.uint8), torch.device("cuda", 0))           # 1 MiB: fits
+    with pytest.raises(DataError, match="more than half of the 0.0 GiB free on cuda:0; use --augment-device workers"):
+        check_fits(torch.zeros(2 * 2**20, dtype=torch.uint8), torch.device("cuda", 0))
+    check_fits(torch.zeros(2 * 2**20, dtype=torch.uint8), torch.device("cpu"))           # host memory: no check
+
+
 def test_pil_path_batches_do_not_depend_on_the_number_of_workers():
     import train
     from loaders import build_train_loader
