@@ -6,70 +6,220 @@
     python eval_linear.py OUT/checkpoint.pth --export r50.pth    # torchvision state dict
     add --random-init to any of these to measure the same architecture untrained.
 
-Dataset, path and image size default to the checkpoint's. Runs under torchrun like train.py.
-Per-epoch JSON lines go to OUTPUT/log.txt, final results are appended to OUTPUT/results.txt,
-OUTPUT/checkpoint.pth resumes an interrupted run and OUTPUT/best.pth keeps the best classifier.
+Dataset, path, image size (and --fake-size) default to the checkpoint's. --knn also takes the
+checkpoint's kNN settings (k, T, the fixed bank / query subsets and their seed), so it gives
+exactly the figure train.py's monitor logged for the checkpoint's epoch. Runs under torchrun
+like train.py. Per-epoch JSON lines go to OUTPUT/log.txt, final results are appended to
+OUTPUT/results.txt, OUTPUT/checkpoint.pth resumes an interrupted run and OUTPUT/best.pth keeps
+the best classifier. Every option is checked, and the output folder or --export target too,
+before any work; a bad one ends with one `error:` line and nothing written.
 """
 import argparse
 import json
 import math
 import os
 import sys
+import warnings
 
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import cli
 import distributed
-from checkpoint import ConfigError, append_json, load_checkpoint, load_state, save_checkpoint
-from data import DATASETS, NUM_CLASSES, DataError, build_dataset, eval_transform
+from checkpoint import (ConfigError, append_json, load_checkpoint, load_state, prepare_output_dir,
+                        save_checkpoint)
+from cli import nonneg_float, nonneg_int, positive_float, positive_int
+from data import DATASETS, NUM_CLASSES, DataError, SkipUnreadable, build_dataset, eval_transform, fixed_subset
 from knn import extract_features, knn_accuracy
-from model import build_backbone
-from cli import HelpFormatter
+from model import ARCHS, build_backbone
+
+KNN_DEFAULTS = {"knn_k": 200, "knn_t": 0.07}  # InstDisc's; for checkpoints that predate the options
+
+
+class Parser(cli.Parser):
+    """cli.Parser whose one-line error is printed by rank 0 only under torchrun (every rank
+    parses the same command line, so the others would print the same line again)."""
+
+    def error(self, message):
+        if int(os.environ.get("RANK", "0")) != 0:
+            sys.exit(cli.EXIT_USAGE)
+        super().error(message)
+
+
+def train_percent(text: str) -> float:
+    """argparse type of --train-percent: 1 or 10, the standard semi-supervised splits."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value not in (1.0, 10.0):
+        raise argparse.ArgumentTypeError(f"must be 1 or 10 (the standard semi-supervised splits), got {text}")
+    return value
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("SNCLR evaluation", formatter_class=HelpFormatter,
-                                description=__doc__.split("\n\n")[0])
+    p = Parser("eval_linear.py", description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("checkpoint", help="a train.py checkpoint.pth")
-    a("--arch", default=None, help="if given, the checkpoint must be of this arch")
+    a("--arch", default=None, choices=ARCHS, help="if given, the checkpoint must be of this arch")
     a("--dataset", default=None, choices=DATASETS, help="default: the checkpoint's pretraining dataset")
-    a("--data-path", default=None, help="default: the checkpoint's")
-    a("--knn", action="store_true", help="weighted kNN on frozen features instead of a linear probe")
-    a("--knn-k", type=int, default=200, help="kNN neighbours (InstDisc)")
-    a("--knn-t", type=float, default=0.07, help="kNN vote temperature (InstDisc)")
-    a("--train-percent", type=float, default=None, help="1 or 10: fine-tune the whole network on a "
+    a("--data-path", default=None, help="default: the checkpoint's (a relative path stored by an older "
+      "train.py is taken relative to the parent of the checkpoint's folder)")
+    a("--knn", action="store_true", help="weighted kNN on frozen features instead of a linear probe; with "
+      "the checkpoint's kNN settings it equals train.py's monitor figure for the checkpoint's epoch")
+    a("--knn-k", type=positive_int, default=None, help="kNN neighbours; default: the checkpoint's --knn-k "
+      "(train.py's default 200, InstDisc)")
+    a("--knn-t", type=positive_float, default=None, help="kNN vote temperature; default: the checkpoint's "
+      "--knn-t (train.py's default 0.07, InstDisc)")
+    a("--knn-train-size", type=nonneg_int, default=None, help="kNN bank: a fixed subset of the train split "
+      "drawn with the checkpoint's --seed; default: the checkpoint's (train.py's monitor: 100000 on "
+      "imagenet, else all); 0 = all")
+    a("--knn-test-size", type=nonneg_int, default=None, help="kNN queries: a fixed subset of the test split, "
+      "as --knn-train-size; default: the checkpoint's (10000 on imagenet, else all); 0 = all")
+    a("--train-percent", type=train_percent, default=None, help="1 or 10: fine-tune the whole network on a "
       "class-balanced subset of the labels (semi-supervised protocol of SimCLR / BYOL)")
     a("--subset-list", default=None, help="file of training image names (one per line) for "
       "--train-percent; required for ImageNet (the standard 1%% / 10%% split files)")
-    a("--export", default=None, help="write the backbone as a plain torchvision state dict and exit")
+    a("--export", default=None, metavar="PATH", help="write the backbone as a plain torchvision state dict "
+      "to PATH and exit; PATH's folder must exist, and PATH must not exist (see --force) nor be the checkpoint")
+    a("--force", action="store_true", help="--export: replace an existing PATH (never the checkpoint itself)")
     a("--random-init", action="store_true", help="evaluate the untrained backbone of the same arch")
-    a("--epochs", type=int, default=90, help="training epochs (MoCo v3 linear protocol: 90)")
-    a("--batch-size", type=int, default=1024, help="global batch (MoCo v3: 1024)")
-    a("--lr", type=float, default=None, help="base lr, scaled by batch/256; default 0.1 for ResNets, "
+    a("--epochs", type=positive_int, default=90, help="training epochs (MoCo v3 linear protocol: 90)")
+    a("--batch-size", type=positive_int, default=1024, help="global batch (MoCo v3: 1024); must divide by "
+      "the number of processes")
+    a("--lr", type=positive_float, default=None, help="base lr, scaled by batch/256; default 0.1 for ResNets, "
       "3.0 for ViTs (MoCo v3); for fine-tuning this is the head's lr")
-    a("--backbone-lr-scale", type=float, default=0.1, help="fine-tuning: backbone lr = head lr x this")
-    a("--weight-decay", type=float, default=0.0, help="MoCo v3 linear protocol: 0")
+    a("--backbone-lr-scale", type=nonneg_float, default=0.1, help="fine-tuning: backbone lr = head lr x this")
+    a("--weight-decay", type=nonneg_float, default=0.0, help="MoCo v3 linear protocol: 0")
     a("--cache-features", action="store_true", help="linear probe on features computed once without "
       "augmentation (minutes on a CPU instead of hours; not the MoCo v3 protocol)")
-    a("--workers", type=int, default=8, help="data-loading processes per rank")
-    a("--output-dir", default=None, help="default: CHECKPOINT's folder / eval_<mode>")
-    a("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    a("--workers", type=nonneg_int, default=8, help="data-loading processes per rank")
+    a("--output-dir", default=None, help="default: CHECKPOINT's folder / eval_<mode>; must not hold a "
+      "train.py run")
+    a("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto = CUDA when available")
     a("--seed", type=int, default=0, help="seed for the head and the label subset")
     return p
 
 
+# ------------------------------------------------------------------ checks before any work ---
+def mode_of(args) -> str:
+    """The evaluation asked for: export, knn, finetune1 / finetune10 or linear."""
+    if args.export:
+        return "export"
+    return "knn" if args.knn else f"finetune{args.train_percent:g}" if args.train_percent else "linear"
+
+
+def check_options(args, world_size: int) -> None:
+    """Option combinations the parser cannot check alone; one ConfigError line each."""
+    modes = [flag for flag, on in (("--knn", args.knn), ("--train-percent", args.train_percent is not None),
+                                   ("--cache-features", args.cache_features), ("--export", args.export))
+             if on]
+    if len(modes) > 1:
+        raise ConfigError(f"{' and '.join(modes)} are different evaluations; give one of them per run")
+    knn_only = [f"--{name.replace('_', '-')}" for name in ("knn_k", "knn_t", "knn_train_size", "knn_test_size")
+                if getattr(args, name) is not None]
+    if knn_only and not args.knn:
+        raise ConfigError(f"{', '.join(knn_only)} appl{'ies' if len(knn_only) == 1 else 'y'} to --knn only; "
+                          f"add --knn or drop {'it' if len(knn_only) == 1 else 'them'}")
+    if args.subset_list and args.train_percent is None:
+        raise ConfigError("--subset-list applies to --train-percent 1 or 10 only; add one or drop it")
+    if args.force and not args.export:
+        raise ConfigError("--force applies to --export only (it allows replacing an existing file)")
+    if args.batch_size % world_size:
+        raise ConfigError(f"--batch-size {args.batch_size} is not divisible by the number of processes "
+                          f"{world_size}; use a multiple of {world_size}")
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file (through symbolic or hard links too)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
+def check_export_target(path: str, checkpoint: str, force: bool) -> None:
+    """ConfigError unless --export PATH can be written without harm: PATH is not the checkpoint
+    (not even with --force), not a folder, in a writable folder that exists, and new unless force."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if same_file(path, checkpoint):
+        raise ConfigError(f"--export {path} is the checkpoint being exported; choose another file name")
+    if os.path.isdir(path):
+        raise ConfigError(f"--export {path} is a folder; give a file name, e.g. "
+                          f"{os.path.join(path, 'backbone.pth')}")
+    if not os.path.isdir(folder):
+        raise ConfigError(f"--export {path}: the folder {folder} does not exist; create it or choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"--export {path}: the folder {folder} is not writable; choose another path")
+    if os.path.lexists(path) and not force:
+        raise ConfigError(f"--export {path} exists; add --force to replace it, or choose another file name")
+
+
+def output_folder(args, mode: str) -> str:
+    return args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                           f"eval_{mode}" + ("_random" if args.random_init else ""))
+
+
+def check_output_dir(folder: str, given: bool, checkpoint: str) -> None:
+    """ConfigError unless folder is, or can be created as, a writable folder that holds no
+    train.py run (the evaluation's log.txt and checkpoint.pth would mix with the training's).
+    Creates nothing: the folder is made once the data is found."""
+    name = f"--output-dir {folder}" if given else f"the output folder {folder} (the default, beside the checkpoint)"
+    change = "choose another --output-dir"
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ConfigError(f"{name} is a file, not a folder; {change}")
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):  # the folder or its nearest existing parent
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{name} cannot be created: {existing} is a file; {change}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name} is not writable ({existing}); {change}")
+    ckpt_in_folder = os.path.join(folder, "checkpoint.pth")
+    if os.path.isfile(os.path.join(folder, "args.json")) or (os.path.exists(ckpt_in_folder)
+                                                              and same_file(ckpt_in_folder, checkpoint)):
+        raise ConfigError(f"{name} holds a train.py run; its log.txt and checkpoint.pth would be mixed with "
+                          f"the evaluation's: {change}")
+
+
+def read_checkpoint(path: str, arch=None) -> dict:
+    """checkpoint.load_checkpoint, without torch's warnings about foreign pickle files (the
+    ConfigError line says what matters; a warning would add lines to it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_checkpoint(path, expect={"arch": arch} if arch else {})
+
+
+def checkpoint_data_path(ckpt_path: str, pre: dict, data_path=None, dataset=None) -> str:
+    """The data set's root: data_path if given, else the checkpoint's. train.py stores it
+    absolute; a relative one (older train.py) is taken relative to the parent of the
+    checkpoint's folder, where `train.py --output-dir OUT` was run for OUT/checkpoint.pth."""
+    if data_path:
+        return data_path
+    stored = pre.get("data_path") or "data"
+    if os.path.isabs(stored) or (dataset or pre["dataset"]) == "fake":  # fake data needs no folder
+        return stored
+    resolved = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path))), stored)
+    if not os.path.exists(resolved):
+        raise ConfigError(f"{ckpt_path} stores the relative data path {stored!r} (an older train.py) and "
+                          f"{resolved} does not exist; give --data-path")
+    return resolved
+
+
+# --------------------------------------------------------------------- backbone, training ---
 def load_backbone(path: str, arch=None, random_init: bool = False, seed: int = 0):
     """The online encoder f of a train.py checkpoint.
 
     Returns (backbone, feature dim, pretraining args, the checkpoint's epoch).
     """
-    ckpt = load_checkpoint(path, expect={"arch": arch} if arch else {})
+    ckpt = read_checkpoint(path, arch)
     pre = ckpt["args"]
     torch.manual_seed(seed)
-    backbone, dim = build_backbone(pre["arch"], pre["image_size"], pre.get("stem", "auto"))
+    try:
+        backbone, dim = build_backbone(pre["arch"], pre["image_size"], pre.get("stem", "auto"))
+    except (KeyError, ValueError) as e:  # args of another program, or edited by hand
+        raise ConfigError(f"the options stored in {path} do not describe a backbone: {e}") from None
     if not random_init:
         state = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
         load_state(backbone, state, f"the backbone weights of {path}")  # strict: every tensor must fit
@@ -183,8 +333,8 @@ def train_classifier(backbone, dim, num_classes, train_set, test_set, args, env,
     """Linear probe (frozen backbone) or fine-tuning (all weights) with resume and best-keeping.
 
     Returns (final top-1, final top-5, best top-1). Per-epoch lines go to out_dir/log.txt.
-    source describes the evaluated weights (checkpoint, its epoch, random init); a run in out_dir
-    is resumed only if it evaluated the same ones.
+    source describes the evaluation (checkpoint, its epoch, random init, mode, data set); a run in
+    out_dir is resumed only if it was the same one.
     """
     torch.manual_seed(args.seed)
     model = nn.Sequential(backbone, linear_head(dim, num_classes)).to(env.device)
@@ -242,14 +392,32 @@ def train_classifier(backbone, dim, num_classes, train_set, test_set, args, env,
     return top1, top5, best
 
 
+# ------------------------------------------------------------------------------ data sets ---
 def eval_sets(args, pre: dict, augment: bool):
-    """Train / test sets (train reduced to the semi-supervised subset if asked) and class count."""
-    dataset, path, size = args.dataset or pre["dataset"], args.data_path or pre["data_path"], pre["image_size"]
-    train_set = build_dataset(dataset, path, True, eval_transform(dataset, size, train=augment), download=False,
-                              image_size=size)
-    test_set = build_dataset(dataset, path, False, eval_transform(dataset, size), download=False, image_size=size)
+    """Train / test sets (train reduced to the semi-supervised subset if asked) and class count.
+
+    The checkpoint's data set, data path, image size and --fake-size unless --dataset or
+    --data-path say otherwise. An unreadable image is skipped with a warning in the train
+    split and an error naming it in the test split (as in train.py's kNN monitor).
+    """
+    dataset, size = args.dataset or pre["dataset"], pre["image_size"]
+    root = checkpoint_data_path(args.checkpoint, pre, args.data_path, dataset)
+
+    def split(train: bool):
+        transform = eval_transform(dataset, size, train=train and augment)
+        try:
+            return build_dataset(dataset, root, train, transform, download=False,
+                                 fake_size=pre.get("fake_size", 512), image_size=size)
+        except DataError as e:
+            if args.data_path:
+                raise
+            raise DataError(f"{e} (the checkpoint's data path: give --data-path where the data set is "
+                            f"on this machine)") from None
+
+    train_set, test_set = split(True), split(False)
     num_classes = NUM_CLASSES.get(dataset) or len(train_set.classes)
-    if args.train_percent is not None:
+    chosen = None
+    if args.train_percent is not None:  # labels and file names come from the unwrapped data set
         if args.subset_list:
             chosen = subset_from_list(train_set, args.subset_list)
         elif dataset == "imagenet":
@@ -257,37 +425,55 @@ def eval_sets(args, pre: dict, augment: bool):
                               "split files (SimCLR's 1percent.txt / 10percent.txt)")
         else:
             chosen = balanced_subset(labels_of(train_set), args.train_percent, args.seed)
+    train_set = SkipUnreadable(train_set)
+    if chosen is not None:
         train_set = torch.utils.data.Subset(train_set, chosen)
-    return train_set, test_set, num_classes
+    return train_set, SkipUnreadable(test_set, strict=True), num_classes
 
 
-def run(args, env) -> dict:
-    if args.train_percent is not None and args.train_percent not in (1, 10):
-        raise ConfigError(f"--train-percent must be 1 or 10 (the standard semi-supervised splits), "
-                          f"got {args.train_percent:g}")
-    backbone, dim, pre, pre_epoch = load_backbone(args.checkpoint, args.arch, args.random_init, args.seed)
-    if args.export:
-        if env.main:  # one writer: every rank holds the same weights
-            export_backbone(backbone, args.export)
-        distributed.barrier()
-        return {"export": args.export, "arch": pre["arch"], "stem": pre.get("stem", "auto"),
-                "image_size": pre["image_size"]}
-    backbone = backbone.to(env.device)
-    mode = "knn" if args.knn else f"finetune{args.train_percent:g}" if args.train_percent else "linear"
-    out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                              f"eval_{mode}" + ("_random" if args.random_init else ""))
-    train_set, test_set, num_classes = eval_sets(args, pre, augment=not (args.knn or args.cache_features))
+def knn_sets(args, pre: dict, train_set, test_set):
+    """The kNN bank and queries, and k and T: train.py's monitor settings from the checkpoint
+    unless given. The subsets are drawn with the checkpoint's --seed, as the monitor draws them
+    (its sizes apply when the data set is the checkpoint's; another one defaults to all)."""
+    own_data = (args.dataset or pre["dataset"]) == pre["dataset"]
+    sizes = [getattr(args, name) if getattr(args, name) is not None else pre.get(name, 0) if own_data else 0
+             for name in ("knn_train_size", "knn_test_size")]
+    seed = pre.get("seed", 0)
+    bank = fixed_subset(train_set, sizes[0], seed, "--knn-train-size")
+    queries = fixed_subset(test_set, sizes[1], seed, "--knn-test-size")
+    k, t = (getattr(args, name) if getattr(args, name) is not None else pre.get(name, KNN_DEFAULTS[name])
+            for name in ("knn_k", "knn_t"))
+    return bank, queries, k, t
+
+
+# ------------------------------------------------------------------------------------ run ---
+def on_main(env, write, *write_args) -> None:
+    """write(*write_args) on rank 0 only; its ConfigError stops every rank, so none is left
+    waiting in a collective."""
+    error = None
     if env.main:
-        os.makedirs(out_dir, exist_ok=True)
-    source = {"checkpoint": os.path.abspath(args.checkpoint), "pretrain_epoch": pre_epoch,
-              "random_init": args.random_init}
-    result = {"mode": mode, **source, "arch": pre["arch"], "dataset": args.dataset or pre["dataset"],
-              "train_images": len(train_set)}
+        try:
+            write(*write_args)
+        except ConfigError as e:
+            error = e
+    if not distributed.all_ok(error is None, env.device):
+        raise error or ConfigError("rank 0 could not write its output; see its error")
+
+
+def evaluate_backbone(backbone, dim, pre, args, env, out_dir: str, source: dict) -> dict:
+    """The kNN, cached-feature probe, probe or fine-tuning figures as a results.txt entry."""
+    train_set, test_set, num_classes = eval_sets(args, pre, augment=not (args.knn or args.cache_features))
+    if args.knn:
+        train_set, test_set, k, t = knn_sets(args, pre, train_set, test_set)
+    on_main(env, prepare_output_dir, out_dir)  # the data is there: the first write
+    backbone = backbone.to(env.device)
+    result = {"train_images": len(train_set), "test_images": len(test_set)}
     base_lr = (args.lr if args.lr is not None else 3.0 if pre["arch"].startswith("vit") else 0.1) \
         * args.batch_size / 256
     if args.knn:
-        result["top1"] = knn_accuracy(backbone, train_set, test_set, num_classes, args.batch_size // env.world_size,
-                                      args.workers, env.device, env.rank, env.world_size, args.knn_k, args.knn_t)
+        result.update(knn_k=k, knn_t=t, top1=knn_accuracy(
+            backbone, train_set, test_set, num_classes, args.batch_size // env.world_size, args.workers,
+            env.device, env.rank, env.world_size, k, t))
     elif args.cache_features:
         result["top1"], result["top5"], logs = probe_cached(backbone, dim, num_classes, train_set, test_set,
                                                             args, env, base_lr)
@@ -298,13 +484,38 @@ def run(args, env) -> dict:
         top1, top5, best = train_classifier(backbone, dim, num_classes, train_set, test_set, args, env,
                                             base_lr, args.train_percent is not None, out_dir, source)
         result.update(top1=top1, top5=top5, best_top1=best, epochs=args.epochs)
+    return result
+
+
+def run(args, env) -> dict:
+    """Check the options and where they write, then export or evaluate; the result entry."""
+    check_options(args, env.world_size)
+    mode = mode_of(args)
+    out_dir = None if args.export else output_folder(args, mode)
+    if args.export:
+        check_export_target(args.export, args.checkpoint, args.force)
+    else:
+        check_output_dir(out_dir, args.output_dir is not None, args.checkpoint)
+    backbone, dim, pre, pre_epoch = load_backbone(args.checkpoint, args.arch, args.random_init, args.seed)
+    if args.export:  # one writer: every rank holds the same weights
+        on_main(env, export_backbone, backbone, args.export)
+        return {"export": args.export, "arch": pre["arch"], "stem": pre.get("stem", "auto"),
+                "image_size": pre["image_size"], "random_init": args.random_init}
+    # what an evaluation folder's checkpoint must match to be resumed: the weights, and the
+    # protocol and data (a 1 % fine-tuning must not continue as a 10 % one)
+    source = {"checkpoint": os.path.abspath(args.checkpoint), "pretrain_epoch": pre_epoch,
+              "random_init": args.random_init, "mode": mode, "dataset": args.dataset or pre["dataset"]}
+    result = {**source, "arch": pre["arch"], **evaluate_backbone(backbone, dim, pre, args, env, out_dir, source)}
     if env.main:
         append_json(os.path.join(out_dir, "results.txt"), result)
     return result
 
 
 def main(argv=None) -> dict:
+    """Parse, evaluate, print the result as one JSON line. Exit status 0, 2 for a bad command
+    line, 1 with one `error:` line (printed by rank 0 alone under torchrun) for anything else."""
     args = get_args_parser().parse_args(argv)
+    env, result = None, None
     try:
         try:
             env = distributed.init_distributed(args.device)
@@ -312,8 +523,7 @@ def main(argv=None) -> dict:
             raise ConfigError(str(e)) from None
         result = run(args, env)
     except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        cli.fail(e, show=env.main if env else int(os.environ.get("RANK", "0")) == 0)
     finally:
         distributed.cleanup()
     if env.main:

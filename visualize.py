@@ -1,28 +1,74 @@
-"""Pictures of a run: soft neighbours with their positiveness, and the training curves.
+"""Pictures of a run: soft neighbours with their positiveness, the calibration of w, and the
+training curves.
 
     python visualize.py neighbours runs/long/checkpoint.pth --out neighbours.png
+    python visualize.py calibration runs/long/checkpoint.pth --out calibration.png
     python visualize.py curves runs/long/log.txt --out curves.png
 
-`neighbours` encodes a bank of training images with the momentum branch (k = g'(f'(x)), the
-features SNCLR enqueues), finds each query's K nearest bank entries (Eq. 3) and scores them
-with the model's own positiveness module (Eq. 4) from the query's online projection y. Each
-row shows a test image, then its neighbours, most similar first, with w under each; a green
-frame marks a neighbour of the query's class, red another class (labels are never used by
-SNCLR, only here). Drawn with Pillow alone (it ships with torchvision).
+`neighbours` and `calibration` encode a fixed subset of training images (the bank) with the
+momentum branch (k = g'(f'(x)), the keys SNCLR enqueues), find each test query's K nearest
+bank keys (Eq. 3) and score them with the checkpoint's own positiveness module (Eq. 4) from the
+query's online projection y, the model in eval mode. Labels are never used by SNCLR, only here:
+`neighbours` draws each test image and its neighbours, most similar first, with w under each, a
+green frame for a neighbour of the query's class and red for another class; `calibration`
+draws the histograms of w over same-class and over other-class neighbours, with the mean w of
+each and the AUROC of w for telling them apart. `curves` draws the loss, the kNN top-1 and,
+when log.txt has them, the neighbours' class agreement (nn_agree, w_agree) per epoch.
+Drawn with Pillow alone (it ships with torchvision). A bad option, a missing file or data set
+ends with one `error:` line and a non-zero exit status; the picture is written atomically.
 """
-import argparse
-import json
+import math
+import os
 
 import torch
 from PIL import Image, ImageDraw
 
-from checkpoint import load_checkpoint, load_state
-from data import IMAGENET_MEAN_STD, MEAN_STD, build_dataset, eval_transform, fixed_subset
+import cli
+from checkpoint import ConfigError, load_checkpoint, load_state, read_log
+from cli import nonneg_int, positive_int
+from data import IMAGENET_MEAN_STD, MEAN_STD, DataError, SkipUnreadable, build_dataset, eval_transform, fixed_subset
+from eval_linear import checkpoint_data_path
 from memory_queue import MemoryQueue
 from model import SNCLR, build_model
-
+from neighbour_monitor import auroc
 
 GREEN, RED, GREY, BLACK, WHITE = (30, 150, 60), (200, 40, 40), (150, 150, 150), (0, 0, 0), (255, 255, 255)
+BLUE, ORANGE = (40, 90, 200), (200, 90, 40)
+BANK_SIZE = 10000  # default bank (all training images if fewer)
+
+
+# -------------------------------------------------------------------------------- output ---
+def check_out(out: str, inputs=()) -> str:
+    """The Pillow format for --out; ConfigError unless out can be written without harm: an
+    image file name Pillow can write, in an existing writable folder, not one of the inputs."""
+    if os.path.isdir(out):
+        raise ConfigError(f"--out {out} is a folder; give a file name, e.g. {os.path.join(out, 'picture.png')}")
+    stem, ext = os.path.splitext(out)
+    fmt = Image.registered_extensions().get(ext.lower())
+    if fmt not in Image.SAVE:
+        kind = f"a {ext} file" if ext else "a file without an image extension"
+        raise ConfigError(f"--out {out}: Pillow cannot write {kind}; use an image name such as {stem}.png")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"--out {out}: the folder {folder} does not exist; create it or choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: the folder {folder} is not writable; choose another path")
+    for path in inputs:
+        if os.path.exists(out) and os.path.exists(path) and os.path.samefile(out, path):
+            raise ConfigError(f"--out {out} is the input {path}; choose another file name")
+    return fmt
+
+
+def save_image(canvas: Image.Image, out: str, fmt: str) -> None:
+    """Write to OUT.tmp, then rename: a failed write leaves neither a half-written OUT nor OUT.tmp."""
+    tmp = out + ".tmp"
+    try:
+        canvas.save(tmp, format=fmt)
+        os.replace(tmp, out)
+    except (OSError, ValueError) as e:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise ConfigError(f"cannot write {out}: {' '.join(str(e).split())}") from None
 
 
 def to_pil(x: torch.Tensor, dataset: str, side: int) -> Image.Image:
@@ -32,37 +78,95 @@ def to_pil(x: torch.Tensor, dataset: str, side: int) -> Image.Image:
     return Image.fromarray(img).resize((side, side), Image.NEAREST)
 
 
+# ------------------------------------------------------------------- model, data, Eq. 3 / 4 ---
+def load_model(path: str, device: torch.device):
+    """The checkpoint's SNCLR model in eval mode (BatchNorm running statistics) and its options."""
+    ckpt = load_checkpoint(path)
+    a = ckpt["args"]
+    try:
+        model = build_model(a)
+    except (KeyError, ValueError) as e:  # options of another program, or edited by hand
+        raise ConfigError(f"the options stored in {path} do not describe an SNCLR model: {e}") from None
+    load_state(model, ckpt["model"], f"checkpoint {path}")
+    return model.eval().to(device), a
+
+
+def bank_and_queries(a: dict, ckpt_path: str, data_path, bank_size, queries, default_queries: int):
+    """Fixed subsets of the checkpoint's train split (bank, seed 0) and test split (queries, seed 1),
+    eval transform. None sizes: the defaults, capped at the split's size; a given size larger
+    than its split is an error."""
+    root = checkpoint_data_path(ckpt_path, a, data_path)
+    t = eval_transform(a["dataset"], a["image_size"])
+    try:
+        train, test = (SkipUnreadable(build_dataset(a["dataset"], root, split, t, download=False,
+                                                    fake_size=a.get("fake_size", 512), image_size=a["image_size"]),
+                                      strict=True) for split in (True, False))
+    except DataError as e:
+        raise DataError(f"{e} (give --data-path where the data set is on this machine)" if not data_path
+                        else str(e)) from None
+    bank_size = min(BANK_SIZE, len(train)) if bank_size is None else bank_size
+    queries = min(default_queries, len(test)) if queries is None else queries
+    if bank_size > len(train):
+        raise ConfigError(f"--bank-size {bank_size} is more than the {len(train)} training images; use at most "
+                          f"{len(train)}, or 0 for all")
+    if queries > len(test):
+        raise ConfigError(f"--queries {queries} is more than the {len(test)} test images; use at most {len(test)}")
+    return fixed_subset(train, bank_size, 0, "--bank-size"), fixed_subset(test, queries, 1, "--queries")
+
+
 @torch.no_grad()
-def soft_neighbours(model: SNCLR, bank_x: torch.Tensor, query_x: torch.Tensor, k: int):
+def encode(model: SNCLR, dataset, batch_size: int, workers: int, device, online: bool = False):
+    """Momentum keys k = g'(f'(x)) (n, dim), labels (n,) and, if online, the online projections
+    y = g(f(x)) (n, dim) of a data set, in its order, batch by batch (on the CPU)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=workers)
+    keys, ys, labels = [], [], []
+    for x, y in loader:
+        x = x.to(device)
+        keys.append(model.momentum_keys(x).cpu())
+        if online:
+            ys.append(model.projector(model.backbone(x)).cpu())
+        labels.append(torch.as_tensor(y))
+    return torch.cat(keys), torch.cat(ys) if online else None, torch.cat(labels)
+
+
+@torch.no_grad()
+def soft_neighbours(model: SNCLR, bank_keys: torch.Tensor, query_keys: torch.Tensor, y: torch.Tensor, k: int):
     """Indices (Q, k) into the bank and positiveness w (Q, k) of each query's neighbours.
 
-    The model should be in eval mode (BatchNorm running statistics, no batch dependence).
+    bank_keys (n, dim) and query_keys (Q, dim) momentum keys, y (Q, dim) the queries' online
+    projections. The search is the training step's (Eq. 3, MemoryQueue.nearest_indices, most
+    similar first) and w the model's positiveness module (Eq. 4) on the normalised keys.
     """
-    keys = torch.cat([model.momentum_keys(b) for b in bank_x.split(256)])          # (n, dim)
-    bank = MemoryQueue(len(keys), keys.shape[1])
-    bank.enqueue(keys)
-    idx = bank.nearest_indices(model.momentum_keys(query_x), k)                   # (Q, k)
-    y = model.projector(model.backbone(query_x))                                  # (Q, dim)
+    bank = MemoryQueue(len(bank_keys), bank_keys.shape[1])
+    bank.enqueue(bank_keys)
+    idx = bank.nearest_indices(query_keys, k)                                     # (Q, k)
     return idx, model.positiveness(y, bank.features[idx])                         # (Q, k)
 
 
-def neighbour_grid(ckpt_path: str, out: str, queries: int, k: int, bank_size: int, data_path=None, side=64):
-    ckpt = load_checkpoint(ckpt_path)
-    a = ckpt["args"]
-    model = build_model(a)
-    load_state(model, ckpt["model"], f"checkpoint {ckpt_path}")
-    model.eval()
-    k = k or max(a["num_neighbors"], 1)
-    t = eval_transform(a["dataset"], a["image_size"])
-    path = data_path or a["data_path"]
-    bank = fixed_subset(build_dataset(a["dataset"], path, True, t, download=False, image_size=a["image_size"]),
-                        bank_size, seed=0)
-    test = fixed_subset(build_dataset(a["dataset"], path, False, t, download=False, image_size=a["image_size"]),
-                        queries, seed=1)
-    bank_x, bank_y = map(torch.stack, zip(*[(x, torch.tensor(y)) for x, y in bank]))
-    query_x, query_y = map(torch.stack, zip(*[(x, torch.tensor(y)) for x, y in test]))
-    idx, w = soft_neighbours(model, bank_x, query_x, k)
-    pad, text_h = 4, 14
+def neighbours_of(args, default_queries: int):
+    """Everything both pictures need: (options, bank, queries, K, idx (Q, K), w (Q, K),
+    bank labels (n,), query labels (Q,))."""
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    model, a = load_model(args.checkpoint, device)
+    bank, test = bank_and_queries(a, args.checkpoint, args.data_path, args.bank_size, args.queries, default_queries)
+    k = args.K or max(a["num_neighbors"], 1)
+    if k > len(bank):
+        raise ConfigError(f"-K {k} is more than the {len(bank)} bank images; lower -K or raise --bank-size")
+    bank_keys, _, bank_y = encode(model, bank, args.batch_size, args.workers, device)
+    query_keys, y, query_y = encode(model, test, args.batch_size, args.workers, device, online=True)
+    idx, w = soft_neighbours(model.cpu(), bank_keys, query_keys, y, k)
+    return a, bank, test, k, idx, w, bank_y, query_y
+
+
+# ---------------------------------------------------------------------------- neighbours ---
+def neighbour_grid(args, side: int = 64) -> None:
+    """Rows of a test image and its K neighbours, w under each, green / red frame by class."""
+    fmt = check_out(args.out, [args.checkpoint])
+    a, bank, test, k, idx, w, bank_y, query_y = neighbours_of(args, default_queries=8)
+    queries, pad, text_h = len(test), 4, 14
     cell_w, cell_h = side + 2 * pad, side + 2 * pad + text_h
     canvas = Image.new("RGB", ((k + 1) * cell_w + pad, queries * cell_h + 20), WHITE)
     draw = ImageDraw.Draw(canvas)
@@ -70,80 +174,242 @@ def neighbour_grid(ckpt_path: str, out: str, queries: int, k: int, bank_size: in
                         f"| green: same class", fill=BLACK)
     for r in range(queries):
         top = 20 + r * cell_h
-        canvas.paste(to_pil(query_x[r], a["dataset"], side), (pad, top + pad))
+        canvas.paste(to_pil(test[r][0], a["dataset"], side), (pad, top + pad))
         draw.text((pad, top + side + pad + 1), "query", fill=BLACK)
         for c in range(k):
             left, j = (c + 1) * cell_w + pad, int(idx[r, c])
             colour = GREEN if int(bank_y[j]) == int(query_y[r]) else RED
             draw.rectangle([left - 3, top + pad - 3, left + side + 2, top + pad + side + 2], outline=colour, width=3)
-            canvas.paste(to_pil(bank_x[j], a["dataset"], side), (left, top + pad))
+            canvas.paste(to_pil(bank[j][0], a["dataset"], side), (left, top + pad))
             draw.text((left, top + side + pad + 2), f"w={float(w[r, c]):.3f}", fill=BLACK)
-    canvas.save(out)
+    save_image(canvas, args.out, fmt)
     same = (bank_y[idx] == query_y[:, None]).float().mean().item()
-    print(f"wrote {out}: {queries} queries x {k} neighbours, {100 * same:.1f}% of neighbours share the class")
+    print(f"wrote {args.out}: {queries} queries x {k} neighbours, {100 * same:.1f}% of neighbours share the class")
 
 
-def line_panel(draw, box, xs, ys, title, colour, baseline=None):
-    """One plot inside box = (left, top, right, bottom): axes, min / max labels, a polyline."""
+# --------------------------------------------------------------------------- calibration ---
+def calibration_figures(w: torch.Tensor, same: torch.Tensor) -> dict:
+    """w (Q, K), same (Q, K) bool -> pair counts, mean w of each group (None if empty), AUROC
+    of w for same vs other class (None without both groups)."""
+    w, same = w.flatten().double(), same.flatten()
+    mean = lambda v: v.mean().item() if v.numel() else None  # noqa: E731
+    score = auroc(w, same)
+    return {"same": int(same.sum()), "other": int((~same).sum()), "w_same": mean(w[same]),
+            "w_other": mean(w[~same]), "auroc": None if math.isnan(score) else score}
+
+
+def show(value, digits: int = 5) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def histogram_panel(draw, box, groups, lo: float, hi: float, bins: int = 30, marker=None) -> None:
+    """Histograms of several groups on shared axes inside box = (left, top, right, bottom).
+
+    groups: [(label, values (n,), colour)]; each group's counts are divided by its own n (the
+    share of the group in each bin), and its bar takes its own slice of every bin, so no bar
+    hides another. marker: an x value drawn as a dashed vertical line (1/K)."""
+    left, top, right, bottom = box
+    shares = [torch.histc(v.double(), bins, lo, hi) / max(v.numel(), 1) if v.numel() else torch.zeros(bins)
+              for _, v, _ in groups]
+    peak = max(max(s.max().item() for s in shares), 1e-12)
+    bin_w = (right - left) / bins
+    px = lambda x: left + (right - left) * (x - lo) / (hi - lo)  # noqa: E731
+    for g, (share, (_, _, colour)) in enumerate(zip(shares, groups)):
+        for b in torch.nonzero(share).flatten().tolist():
+            x0 = left + b * bin_w + g * bin_w / len(groups)
+            draw.rectangle([x0, bottom - (bottom - top) * share[b].item() / peak,
+                            x0 + bin_w / len(groups) - 1, bottom], fill=colour)
+    draw.line([(left, top), (left, bottom), (right, bottom)], fill=BLACK)
+    digits = max(2, math.ceil(-math.log10((hi - lo) / 4)) + 1)
+    for i in range(5):  # x ticks
+        x = lo + (hi - lo) * i / 4
+        draw.line([(px(x), bottom), (px(x), bottom + 4)], fill=BLACK)
+        draw.text((px(x) - 22, bottom + 6), f"{x:.{digits}f}", fill=BLACK)
+    if marker is not None and lo <= marker <= hi:
+        for y0 in range(top, bottom, 8):
+            draw.line([(px(marker), y0), (px(marker), min(y0 + 4, bottom))], fill=GREY)
+        draw.text((px(marker) + 3, top), "1/K", fill=GREY)
+    draw.text(((left + right) / 2 - 40, bottom + 22), "positiveness w", fill=BLACK)
+    legend(draw, left, bottom + 40, [(label, colour) for label, _, colour in groups])
+    draw.text((left - 50, top - 16), "share of the group's pairs", fill=BLACK)
+    draw.text((left - 40, top - 4), f"{peak:.0%}", fill=BLACK)
+    draw.text((left - 20, bottom - 6), "0", fill=BLACK)
+
+
+def legend(draw, left: float, y: float, entries) -> None:
+    """Colour boxes with their labels, side by side on one line from (left, y)."""
+    for label, colour in entries:
+        draw.rectangle([left, y, left + 10, y + 10], fill=colour)
+        draw.text((left + 14, y - 1), label, fill=BLACK)
+        left += 14 + draw.textlength(label) + 24
+
+
+def histogram_range(w: torch.Tensor, tail: float = 0.005) -> tuple[float, float]:
+    """The x range of the w histogram, from the data: the released rule gives w within ~0.003
+    of 1/K, so fixed bins would show one bar. The central 1 - 2 tail of the values, so a few
+    outliers do not squeeze the rest into one bin; the whole range if that is one value, and a
+    narrow range around w if every w is the same (K = 1, hard, none)."""
+    values = w.flatten().double()
+    lo, hi = torch.quantile(values, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    if hi - lo < 1e-9:
+        lo, hi = values.min().item(), values.max().item()
+    if hi - lo < 1e-9:
+        pad = max(abs(lo) * 1e-3, 1e-6)
+        lo, hi = lo - pad, hi + pad
+    return lo, hi
+
+
+def calibration(args) -> None:
+    """Histograms of w for same-class and other-class neighbours, with their means and AUROC."""
+    fmt = check_out(args.out, [args.checkpoint])
+    a, bank, test, k, idx, w, bank_y, query_y = neighbours_of(args, default_queries=500)
+    same = bank_y[idx] == query_y[:, None]                                        # (Q, K)
+    f = calibration_figures(w, same)
+    lo, hi = histogram_range(w)
+    clipped = int(((w < lo) | (w > hi)).sum())
+    w = w.clamp(lo, hi)  # the few values beyond the range count in the end bins
+    canvas = Image.new("RGB", (760, 460), WHITE)
+    draw = ImageDraw.Draw(canvas)
+    draw.text((20, 8), f"w of each test query's K = {k} nearest keys among {len(bank)} train images "
+                       f"({len(test)} queries, {a['positiveness']} positiveness)", fill=BLACK)
+    draw.text((20, 24), f"mean w: same class {show(f['w_same'])}, other class {show(f['w_other'])}; "
+                        f"AUROC same vs other {show(f['auroc'], 3)} (0.5 = chance)", fill=BLACK)
+    histogram_panel(draw, (80, 80, 730, 380), [(f"same class ({f['same']} pairs)", w[same], GREEN),
+                                               (f"other class ({f['other']} pairs)", w[~same], RED)],
+                    lo, hi, marker=1.0 / k)
+    if clipped:
+        draw.text((400, 420), f"{clipped} values beyond the range are counted in the end bins", fill=GREY)
+    save_image(canvas, args.out, fmt)
+    print(f"wrote {args.out}: K={k}, {len(test)} queries x {k} neighbours in a bank of {len(bank)}: "
+          f"{100 * f['same'] / same.numel():.1f}% same class; mean w same class {show(f['w_same'])}, "
+          f"other class {show(f['w_other'])}; AUROC {show(f['auroc'], 3)}")
+
+
+# -------------------------------------------------------------------------------- curves ---
+def line_panel(draw, box, series, title: str, baseline=None) -> None:
+    """One plot inside box = (left, top, right, bottom): axes, min / max labels, one polyline
+    per series = [(label, xs, ys, colour)], a legend naming them by colour when there are
+    several (under the panel), and an optional dashed baseline (the random-init kNN figure)."""
     left, top, right, bottom = box
     draw.text((left, top - 16), title, fill=BLACK)
     draw.line([(left, top), (left, bottom), (right, bottom)], fill=BLACK)
-    lo, hi = min(ys + ([baseline] if baseline is not None else [])), max(ys + ([baseline] if baseline is not None else []))
+    xs_all = [x for _, xs, _, _ in series for x in xs]
+    ys_all = [y for _, _, ys, _ in series for y in ys] + ([baseline] if baseline is not None else [])
+    lo, hi = min(ys_all), max(ys_all)
     hi = hi if hi > lo else lo + 1
-    px = lambda x: left + (right - left) * (x - min(xs)) / max(max(xs) - min(xs), 1e-9)  # noqa: E731
+    x_lo, x_hi = min(xs_all), max(xs_all)
+    px = lambda x: left + (right - left) * (x - x_lo) / max(x_hi - x_lo, 1e-9)  # noqa: E731
     py = lambda y: bottom - (bottom - top) * (y - lo) / (hi - lo)  # noqa: E731
     if baseline is not None:
         for x0 in range(left, right, 8):  # dashed line: the random-init value
             draw.line([(x0, py(baseline)), (min(x0 + 4, right), py(baseline))], fill=GREY)
         draw.text((right - 120, py(baseline) - 13), f"random init {baseline:.2f}", fill=GREY)
-    pts = [(px(x), py(y)) for x, y in zip(xs, ys)]
-    if len(pts) > 1:
-        draw.line(pts, fill=colour, width=2)
-    for x, y in pts:
-        draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+    for _, xs, ys, colour in series:
+        pts = [(px(x), py(y)) for x, y in zip(xs, ys)]
+        if len(pts) > 1:
+            draw.line(pts, fill=colour, width=2)
+        for x, y in pts:
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+    if len(series) > 1:
+        legend(draw, left, bottom + 20, [(label, colour) for label, _, _, colour in series])
     draw.text((left - 44, top - 6), f"{hi:.2f}", fill=BLACK)
     draw.text((left - 44, bottom - 6), f"{lo:.2f}", fill=BLACK)
-    draw.text((left, bottom + 4), f"epoch {min(xs):g}", fill=BLACK)
-    draw.text((right - 50, bottom + 4), f"epoch {max(xs):g}", fill=BLACK)
+    draw.text((left, bottom + 4), f"epoch {x_lo:g}", fill=BLACK)
+    draw.text((right - 50, bottom + 4), f"epoch {x_hi:g}", fill=BLACK)
 
 
-def curves(log_path: str, out: str) -> None:
-    entries = [json.loads(line) for line in open(log_path) if line.strip()]
+def read_train_log(path: str) -> list:
+    """checkpoint.read_log, with one ConfigError line for a file that is not a train.py log."""
+    if os.path.isdir(path):
+        raise ConfigError(f"log {path} is a directory; give the run's log file (e.g. {os.path.join(path, 'log.txt')})")
+    if not os.path.isfile(path):
+        raise ConfigError(f"log {path}: no such file")
+    try:
+        return read_log(path)
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    except (ValueError, KeyError, TypeError):  # not text, not JSON, or JSON lines without an epoch
+        raise ConfigError(f"{path} is not a train.py log.txt: each line must be a JSON object with an "
+                          f"\"epoch\"") from None
+
+
+def points(entries, key: str, scale: float = 1.0):
+    """(epochs, values) of the entries that have a value for key."""
+    have = [e for e in entries if e.get(key) is not None]
+    return [e["epoch"] for e in have], [scale * e[key] for e in have]
+
+
+def curves(args) -> None:
+    """Loss, kNN top-1 and (when logged) neighbour class agreement per epoch, side by side."""
+    fmt = check_out(args.out, [args.log])
+    entries = read_train_log(args.log)
     train = [e for e in entries if "loss" in e]
-    knn = [e for e in entries if "knn_top1" in e]
     if not train:
-        raise SystemExit(f"error: {log_path} has no training epochs yet")
-    canvas = Image.new("RGB", (900, 340), WHITE)
+        raise ConfigError(f"{args.log} has no training epochs yet")
+    init = next((e.get("knn_top1") for e in entries if e["epoch"] == 0), None)
+    panels = [([("loss", *points(train, "loss"), BLUE)], "SNCLR loss (epoch mean)", None)]
+    knn = points([e for e in entries if e["epoch"] > 0], "knn_top1")
+    if knn[0]:
+        panels.append(([("kNN top-1", *knn, ORANGE)], "kNN top-1 (%) on the test split", init))
+    agree = [(label, *points(entries, key, 100.0), colour) for label, key, colour in (
+        ("nn_agree: neighbours", "nn_agree", BLUE), ("w_agree: weight w", "w_agree", ORANGE))]
+    agree = [s for s in agree if s[1]]
+    if agree:
+        panels.append((agree, "share of the query's class among the K neighbours (%)", None))
+    canvas = Image.new("RGB", (460 * len(panels) - 20, 350), WHITE)
     draw = ImageDraw.Draw(canvas)
-    line_panel(draw, (60, 40, 420, 300), [e["epoch"] for e in train], [e["loss"] for e in train],
-               "SNCLR loss (epoch mean)", (40, 90, 200))
-    init = next((e["knn_top1"] for e in knn if e["epoch"] == 0), None)
-    trained = [e for e in knn if e["epoch"] > 0]
-    if trained:
-        line_panel(draw, (520, 40, 880, 300), [e["epoch"] for e in trained], [e["knn_top1"] for e in trained],
-                   "kNN top-1 (%) on the test split", (200, 90, 40), baseline=init)
-    canvas.save(out)
-    print(f"wrote {out}")
+    for i, (series, title, baseline) in enumerate(panels):
+        line_panel(draw, (60 + 460 * i, 40, 420 + 460 * i, 300), series, title, baseline)
+    save_image(canvas, args.out, fmt)
+    print(f"wrote {args.out}")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser("SNCLR pictures", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="what", required=True)
-    n = sub.add_parser("neighbours", help="query images and their soft neighbours with w")
-    n.add_argument("checkpoint")
-    n.add_argument("--out", default="neighbours.png")
-    n.add_argument("--queries", type=int, default=8, help="rows: test images")
-    n.add_argument("-K", type=int, default=0, help="neighbours per row (default: the run's K)")
-    n.add_argument("--bank-size", type=int, default=10000, help="training images searched")
-    n.add_argument("--data-path", default=None, help="default: the checkpoint's")
-    c = sub.add_parser("curves", help="loss and kNN accuracy from a log.txt")
-    c.add_argument("log")
-    c.add_argument("--out", default="curves.png")
-    args = p.parse_args(argv)
-    if args.what == "neighbours":
-        neighbour_grid(args.checkpoint, args.out, args.queries, args.K, args.bank_size, args.data_path)
-    else:
-        curves(args.log, args.out)
+# ---------------------------------------------------------------------------------- main ---
+def add_encoding_options(p) -> None:
+    """The options of the subcommands that encode a bank and queries."""
+    a = p.add_argument
+    a("checkpoint", help="a train.py checkpoint.pth")
+    a("-K", type=positive_int, default=None, help="neighbours per query; default: the run's K (at least 1)")
+    a("--bank-size", type=nonneg_int, default=None, help=f"training images searched: a fixed subset; "
+      f"default {BANK_SIZE} (or all if fewer); 0 = all")
+    a("--data-path", default=None, help="default: the checkpoint's")
+    a("--batch-size", type=positive_int, default=256, help="images encoded at once")
+    a("--workers", type=nonneg_int, default=2, help="data-loading processes")
+    a("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto = CUDA when available")
+
+
+def get_args_parser() -> cli.Parser:
+    p = cli.Parser("visualize.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="what", required=True, metavar="COMMAND", parser_class=cli.Parser)
+    n = sub.add_parser("neighbours", help="query images and their soft neighbours with w",
+                       description="Rows of a test image and its K nearest bank images (Eq. 3), w (Eq. 4) "
+                       "under each; a green frame marks a neighbour of the query's class.")
+    add_encoding_options(n)
+    n.add_argument("--out", default="neighbours.png", help="the picture (any image type Pillow writes)")
+    n.add_argument("--queries", type=positive_int, default=None, help="rows: test images; default 8 "
+                   "(or all if fewer)")
+    c = sub.add_parser("calibration", help="histograms of w for same-class and other-class neighbours, AUROC",
+                       description="How well w (Eq. 4) tells the neighbours (Eq. 3) of the query's class from "
+                       "the others: a histogram of w for each group, their mean w and the AUROC; the same "
+                       "figures are printed on one line.")
+    add_encoding_options(c)
+    c.add_argument("--out", default="calibration.png", help="the picture (any image type Pillow writes)")
+    c.add_argument("--queries", type=positive_int, default=None, help="test images; default 500 (or all "
+                   "if fewer)")
+    k = sub.add_parser("curves", help="loss, kNN accuracy and neighbour agreement from a log.txt",
+                       description="Loss, kNN top-1 and, when logged, nn_agree and w_agree per epoch.")
+    k.add_argument("log", help="a train.py run's log.txt")
+    k.add_argument("--out", default="curves.png", help="the picture (any image type Pillow writes)")
+    return p
+
+
+def main(argv=None) -> None:
+    """Exit status 0, 2 for a bad command line, 1 with one `error:` line for anything else."""
+    args = get_args_parser().parse_args(argv)
+    try:
+        {"neighbours": neighbour_grid, "calibration": calibration, "curves": curves}[args.what](args)
+    except (ConfigError, DataError) as e:
+        cli.fail(e)
 
 
 if __name__ == "__main__":
