@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import shutil
+import warnings
 
 import torch
 
@@ -71,14 +72,16 @@ def load_checkpoint(path: str, expect: dict = None, required=("model", "optimize
     if not os.path.isfile(path):
         raise ConfigError(f"checkpoint {path}: no such file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickles: the error line says it all
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or a pickle of arbitrary objects
         # torch's message advises weights_only=False: unsafe, and never right for this project's files
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights_only" in str(e):
-            reason = "it holds objects other than plain tensors and dicts"
-        raise ConfigError(f"cannot read checkpoint {path}: {reason}; it is not a checkpoint written "
-                          f"by this project (or it is damaged)") from None
+        unsafe = "Unsupported global" in str(e) or "Unsupported operand" in str(e)
+        reason = "it holds objects other than plain tensors and dicts" if unsafe else \
+            "it is not a torch checkpoint file, or it is truncated"
+        raise ConfigError(f"cannot read checkpoint {path}: {reason}; give a checkpoint.pth written by "
+                          f"train.py") from None
     if not isinstance(ckpt, dict) or not set(required) <= set(ckpt):
         raise ConfigError(f"{path} is not a checkpoint of this project (expected keys {', '.join(required)})")
     for key, want in (expect or {}).items():
@@ -86,6 +89,22 @@ def load_checkpoint(path: str, expect: dict = None, required=("model", "optimize
             raise ConfigError(f"checkpoint {path} has {key}={ckpt['args'].get(key)!r} but "
                               f"{key}={want!r} was asked for")
     return ckpt
+
+
+def checkpoint_data_path(ckpt_path: str, pre: dict, data_path=None, dataset=None) -> str:
+    """The data set's root: data_path if given, else the checkpoint's. train.py stores it
+    absolute; a relative one (older train.py) is taken relative to the parent of the
+    checkpoint's folder, where `train.py --output-dir OUT` was run for OUT/checkpoint.pth."""
+    if data_path:
+        return data_path
+    stored = pre.get("data_path") or "data"
+    if os.path.isabs(stored) or (dataset or pre["dataset"]) == "fake":  # fake data needs no folder
+        return stored
+    resolved = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path))), stored)
+    if not os.path.exists(resolved):
+        raise ConfigError(f"{ckpt_path} stores the relative data path {stored!r} (an older train.py) and "
+                          f"{resolved} does not exist; give --data-path")
+    return resolved
 
 
 def load_state(module, state: dict, what: str) -> None:
@@ -178,8 +197,11 @@ def append_json(path: str, entry: dict) -> None:
 
 
 def read_log(path: str) -> list[dict]:
-    """log.txt's JSON lines (a run resumed after a failed save may repeat an epoch: the last wins)."""
+    """log.txt's JSON lines merged per epoch, in epoch order: a resumed run may add a line
+    for an epoch (its changed options) or repeat one (after a failed save: the later wins)."""
     with open(path) as f:
         entries = [json.loads(line) for line in f if line.strip()]
-    last = {e["epoch"]: e for e in entries}
-    return [last[epoch] for epoch in sorted(last)]
+    merged = {}
+    for e in entries:
+        merged.setdefault(e["epoch"], {}).update(e)
+    return [merged[epoch] for epoch in sorted(merged)]

@@ -10,6 +10,7 @@
 """
 import argparse
 import math
+import os
 import sys
 
 EXIT_ERROR, EXIT_USAGE, EXIT_PREEMPTED = 1, 2, 143
@@ -23,14 +24,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (argparse's own prints the whole usage first)."""
+    """argparse with a one-line error (argparse's own prints the whole usage first), printed by
+    rank 0 alone under torchrun (every rank parses the same command line)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message):
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(EXIT_USAGE)
 
 

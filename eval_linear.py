@@ -18,8 +18,6 @@ import argparse
 import json
 import math
 import os
-import sys
-import warnings
 
 import torch
 import torch.nn as nn
@@ -28,24 +26,14 @@ from tqdm import tqdm
 
 import cli
 import distributed
-from checkpoint import (ConfigError, append_json, load_checkpoint, load_state, prepare_output_dir,
-                        save_checkpoint)
+from checkpoint import (ConfigError, append_json, checkpoint_data_path, load_checkpoint, load_state,
+                        prepare_output_dir, save_checkpoint)
 from cli import nonneg_float, nonneg_int, positive_float, positive_int
 from data import DATASETS, NUM_CLASSES, DataError, SkipUnreadable, build_dataset, eval_transform, fixed_subset
 from knn import extract_features, knn_accuracy
 from model import ARCHS, build_backbone
 
 KNN_DEFAULTS = {"knn_k": 200, "knn_t": 0.07}  # InstDisc's; for checkpoints that predate the options
-
-
-class Parser(cli.Parser):
-    """cli.Parser whose one-line error is printed by rank 0 only under torchrun (every rank
-    parses the same command line, so the others would print the same line again)."""
-
-    def error(self, message):
-        if int(os.environ.get("RANK", "0")) != 0:
-            sys.exit(cli.EXIT_USAGE)
-        super().error(message)
 
 
 def train_percent(text: str) -> float:
@@ -60,7 +48,7 @@ def train_percent(text: str) -> float:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = Parser("eval_linear.py", description=__doc__.split("\n\n")[0])
+    p = cli.Parser("eval_linear.py", description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("checkpoint", help="a train.py checkpoint.pth")
     a("--arch", default=None, choices=ARCHS, help="if given, the checkpoint must be of this arch")
@@ -183,37 +171,13 @@ def check_output_dir(folder: str, given: bool, checkpoint: str) -> None:
                           f"the evaluation's: {change}")
 
 
-def read_checkpoint(path: str, arch=None) -> dict:
-    """checkpoint.load_checkpoint, without torch's warnings about foreign pickle files (the
-    ConfigError line says what matters; a warning would add lines to it)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return load_checkpoint(path, expect={"arch": arch} if arch else {})
-
-
-def checkpoint_data_path(ckpt_path: str, pre: dict, data_path=None, dataset=None) -> str:
-    """The data set's root: data_path if given, else the checkpoint's. train.py stores it
-    absolute; a relative one (older train.py) is taken relative to the parent of the
-    checkpoint's folder, where `train.py --output-dir OUT` was run for OUT/checkpoint.pth."""
-    if data_path:
-        return data_path
-    stored = pre.get("data_path") or "data"
-    if os.path.isabs(stored) or (dataset or pre["dataset"]) == "fake":  # fake data needs no folder
-        return stored
-    resolved = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path))), stored)
-    if not os.path.exists(resolved):
-        raise ConfigError(f"{ckpt_path} stores the relative data path {stored!r} (an older train.py) and "
-                          f"{resolved} does not exist; give --data-path")
-    return resolved
-
-
 # --------------------------------------------------------------------- backbone, training ---
 def load_backbone(path: str, arch=None, random_init: bool = False, seed: int = 0):
     """The online encoder f of a train.py checkpoint.
 
     Returns (backbone, feature dim, pretraining args, the checkpoint's epoch).
     """
-    ckpt = read_checkpoint(path, arch)
+    ckpt = load_checkpoint(path, expect={"arch": arch} if arch else {})
     pre = ckpt["args"]
     torch.manual_seed(seed)
     try:

@@ -831,6 +831,9 @@ def test_resume_with_changed_options_is_refused_or_logged(smoke_run, tmp_path, c
     assert "resumed with a changed option (--allow-changed-args): lr: 0.1 -> 0.2" in out
     log = [json.loads(line) for line in (run / "log.txt").read_text().splitlines()]
     assert {"epoch": 2, "changed_args": ["lr: 0.1 -> 0.2"]} in log and log[-1]["epoch"] == 3
+    from checkpoint import read_log
+    merged = read_log(run / "log.txt")                    # one entry per epoch, lines merged
+    assert [e["epoch"] for e in merged] == [0, 1, 2, 3] and {"loss", "changed_args"} <= set(merged[2])
 
 
 def test_mid_epoch_resume_with_another_batch_or_world_size_is_refused(smoke_run, tmp_path, capsys):

@@ -24,10 +24,9 @@ import torch
 from PIL import Image, ImageDraw
 
 import cli
-from checkpoint import ConfigError, load_checkpoint, load_state, read_log
+from checkpoint import ConfigError, checkpoint_data_path, load_checkpoint, load_state, read_log
 from cli import nonneg_int, positive_int
 from data import IMAGENET_MEAN_STD, MEAN_STD, DataError, SkipUnreadable, build_dataset, eval_transform, fixed_subset
-from eval_linear import checkpoint_data_path
 from memory_queue import MemoryQueue
 from model import SNCLR, build_model
 from neighbour_monitor import auroc
