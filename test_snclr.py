@@ -1694,6 +1694,56 @@ def test_augment_output_shape_grey_level_and_bad_input():
         augment(rgb, 32, 0.08, 1.0, 0.0, mean, std, torch.Generator(), crop=False)
 
 
+# ------------------------------------------------------------------------ bench.py ---
+BENCH_TINY = ["--device", "cpu", "--arch", "resnet18", "--image-size", "16", "--batch-size", "8", "--queue-size", "32",
+              "-K", "2", "--dim", "16", "--mlp-dim", "32", "--repeats", "1"]
+
+
+def test_bench_data_tiny_prints_json_last(tmp_path):
+    res = run_cli("bench.py", "--data", *BENCH_TINY, "--data-images", "4", "--data-steps", "2", "--data-workers", "0",
+                  "--loader-images", "4", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    last = json.loads(res.stdout.strip().splitlines()[-1])
+    for key in ("loader_pairs_per_s_per_worker", "loader_pairs_per_s_per_worker_pil", "augment_ms_per_batch_224",
+                "augment_ms_per_batch_32", "end_to_end_images_per_s", "step_only_images_per_s"):
+        assert math.isfinite(last[key]) and last[key] > 0, key
+    assert last["device"].startswith("cpu") and last["torch"] == torch.__version__
+    assert json.loads((tmp_path / "bench_data_cpu.json").read_text())["end_to_end_images_per_s"] == \
+        last["end_to_end_images_per_s"]
+
+
+def test_bench_step_channels_last_writes_its_own_file(tmp_path):
+    res = run_cli("bench.py", *BENCH_TINY, "--scaling-queues", "32", "--scaling-k", "2", "--channels-last",
+                  "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((tmp_path / "bench_cpu_resnet18_channels_last.json").read_text())
+    assert result["images_per_s"]["snclr"] > 0 and result["args"]["channels_last"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-size", "0"], "argument --batch-size: must be a finite number > 0, got 0"),
+    (["--repeats", "0"], "argument --repeats: must be a finite number > 0, got 0"),
+    (["--data", "--data-steps", "0"], "argument --data-steps: must be a finite number > 0, got 0"),
+    (["--arch", "vit_tiny", "--channels-last"], "--channels-last applies to ResNets"),
+])
+def test_bench_bad_input_fails_with_one_line(tmp_path, capsys, extra, message):
+    import bench
+    with pytest.raises(SystemExit) as exit_:
+        bench.main([*extra, "--out", str(tmp_path / "out")])
+    assert exit_.value.code != 0
+    out, err = capsys.readouterr()
+    assert err.startswith("error: ") and message in err and err.strip().count("\n") == 0, err
+    assert out == "" and not (tmp_path / "out").exists()
+
+
+def test_bench_default_out_is_not_the_committed_results():
+    import bench
+    parser = bench.get_args_parser()
+    out = pathlib.Path(parser.parse_args([]).out)
+    assert out.parts[0] == "runs" and "results" not in out.parts   # runs/ is in .gitignore
+    assert "--out results" in " ".join(parser.format_help().split())
+
+
 # --------------------------------------------------------------------------- project ---
 def test_no_top_level_module_shadows_the_standard_library():
     names = {p.stem for p in HERE.glob("*.py")}
