@@ -225,12 +225,15 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 def _blends(x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """Brightness (op 0), contrast (1) or saturation (2) with its factor, or nothing (-1), per
-    image. An op that is not due gets factor 1, an exact identity (1 * x + 0 * y = x, and the
-    clamp keeps [0, 1] as it is). x (B, 3, H, W), op (B,) long, factors (B, 4) -> (B, 3, H, W)."""
-    one = torch.ones_like(factors[:, 0])                                           # (B,)
-    x = adjust_brightness(x, torch.where(op == 0, factors[:, 0], one))
-    x = adjust_contrast(x, torch.where(op == 1, factors[:, 1], one))
-    return adjust_saturation(x, torch.where(op == 2, factors[:, 2], one))
+    image, in one pass: each is torchvision's _blend of x with a partner y, black for
+    brightness, the mean grey level for contrast, the grey image for saturation, so one blend
+    with a per-image partner and factor does all three. An image with nothing due gets factor
+    1, an exact identity (1 * x + 0 * y = x, and the clamp keeps [0, 1] as it is).
+    x (B, 3, H, W), op (B,) long, factors (B, 4) -> (B, 3, H, W)."""
+    f = torch.where(op >= 0, factors.gather(1, op.clamp(min=0)[:, None])[:, 0], 1.0)   # (B,)
+    grey = rgb_to_grayscale(x)                                                     # (B, 1, H, W)
+    partner = torch.where(_per_image(op == 1), grey.mean(dim=(1, 2, 3), keepdim=True), grey)
+    return _blend(x, partner * _per_image(op != 0), f)                            # black when op 0
 
 
 def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
