@@ -4,6 +4,7 @@
 #   bash bench_gpu.sh                          # from the repository root: one GPU, no network needed
 #   DEVICE=cpu SMOKE=1 bash bench_gpu.sh       # tiny sizes on the CPU: checks the script, not the speed
 #
+# (0) the test that the training step and the batched views never wait for the GPU;
 # (1) bench.py's SNCLR step, resnet50, 224 px, batch 256, bf16: plain, --channels-last, and
 #     --channels-last --compile (the search-scaling part cut to one queue size and one K);
 # (2) bench.py --data: the workers' transform per worker (old PIL path, new crop-only path), the
@@ -138,6 +139,9 @@ main() {
   "$PY" -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
   rm -f "$OUT"/step/bench_*.json "$OUT"/data/bench_data_*.json   # no figure of an earlier run in the table
   rm -rf "$OUT/fmnist_batched" "$OUT/fmnist_workers"               # train.py would resume from them
+  # (0) no host-device synchronisation in the step nor in the batched views (skipped without CUDA)
+  part "(0) no host sync in train_step / augment" 60 "$PY" -m pytest -q -p no:cacheprovider test_snclr.py \
+    -k never_wait_for_the_gpu
   # (1) the step: each part about a minute on the GPU (compiling adds one or two)
   part "(1) step, plain" 120 "$PY" bench.py "${STEP[@]}" --out "$OUT/step"
   part "(1) step, channels_last" 120 "$PY" bench.py "${STEP[@]}" --channels-last --out "$OUT/step"

@@ -83,6 +83,8 @@ class MemoryQueue(nn.Module):
         if not 0 <= k <= filled:
             raise ValueError(f"asked for k={k} neighbours but the queue holds {filled} entries "
                              f"(size {self.size}); k must be in [0, {filled}]")
+        if k == 0:  # K = 0 (InfoNCE) or a queue still too short: nothing to search
+            return torch.empty(query.shape[0], 0, dtype=torch.long, device=query.device)
         q = F.normalize(query.detach().to(self.features.dtype), dim=1)  # (B, dim)
         sim = q @ self.features[:filled].T                 # (B, filled) cosines: entries are unit
         return sim.topk(k, dim=1).indices                  # (B, k), most similar first
