@@ -90,14 +90,26 @@ def probe(checkpoint: str, seed: int, args, *extra) -> list:
 QUALITY = ("nn_agree", "nn_top1_agree", "w_agree", "w_same", "w_other", "w_auroc")
 
 
-def one_run(name: str, seed: int, args) -> dict:
-    """Pretrain one variant with one seed, probe it, and return its figures."""
+def train_command(name: str, seed: int, args) -> list:
+    """The train.py command of one variant and seed."""
     out = os.path.join(args.runs, f"{name}_s{seed}")
     train = [sys.executable, "train.py", *shlex.split(args.train_args), *VARIANTS[name],
              "--dataset", args.dataset, "--epochs", str(args.epochs), "--seed", str(seed),
              "--device", args.device, "--output-dir", out]
-    if args.data_path:
-        train += ["--data-path", args.data_path]
+    return train + (["--data-path", args.data_path] if args.data_path else [])
+
+
+def settings(command: str) -> list:
+    """A train.py command without what does not change the run: the interpreter, --output-dir."""
+    words = shlex.split(command)[1:]
+    at = words.index("--output-dir")
+    return words[:at] + words[at + 2:]
+
+
+def one_run(name: str, seed: int, args) -> dict:
+    """Pretrain one variant with one seed, probe it, and return its figures."""
+    out = os.path.join(args.runs, f"{name}_s{seed}")
+    train = train_command(name, seed, args)
     start = time.time()
     os.makedirs(out, exist_ok=True)
     log_file = os.path.join(out, "stdout.txt") if args.jobs > 1 else None
@@ -161,7 +173,8 @@ def markdown(table: dict) -> str:
 
 
 def result(name: str, seed: int, args) -> dict:
-    """A finished run's figures, running it first if its result file does not exist yet."""
+    """A finished run's figures, running it first if its result file does not exist yet. A
+    result of other settings (epochs, device, data, base options) is an error, not reused."""
     path = os.path.join(args.results, f"ablation_{name}_s{seed}.json")
     if not os.path.exists(path):
         row = random_init_row(seed, args) if name == "random-init" else one_run(name, seed, args)
@@ -169,7 +182,12 @@ def result(name: str, seed: int, args) -> dict:
             json.dump(row, f, indent=2)
         os.replace(path + ".tmp", path)  # only finished runs leave a result
     with open(path) as f:
-        return json.load(f)
+        row = json.load(f)
+    wanted = shlex.join(train_command(name, seed, args)) if name != "random-init" else None
+    if wanted and settings(row["command"]) != settings(wanted):
+        raise SystemExit(f"error: {path} holds a run of other settings ({shlex.join(settings(row['command']))}); "
+                         f"give another --results and --runs for these")
+    return row
 
 
 def main(argv=None):

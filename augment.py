@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from data import SMALL_IMAGE
+
 RATIO = (3 / 4, 4 / 3)                   # RandomResizedCrop's aspect ratio range
 JITTER = (0.4, 0.4, 0.2, 0.1)            # ColorJitter(brightness, contrast, saturation, hue)
 JITTER_P, GRAY_P, FLIP_P = 0.8, 0.2, 0.5
@@ -268,7 +270,7 @@ def random_grayscale(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------ blur, solarize, normalise ---
 def blur_kernel_size(size: int) -> int:
     """data.py's blur kernel, about 10 % of the side; 0 (no blur) for images <= 64 px."""
-    return 2 * (size // 20) + 1 if size > 64 else 0
+    return 2 * (size // 20) + 1 if size > SMALL_IMAGE else 0
 
 
 def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:

@@ -396,7 +396,7 @@ def end_to_end(args, env, targs) -> dict:
         def loop(source):
             clock = Clock(source)
             log, _, _ = train.train_one_epoch(model, model, clock, optimizer, scaler, 0, 0, targs, env,
-                                              num_classes > 1)
+                                              num_classes > 1, distributed.StopAgreement(env.stop))
             return clock, log, time.perf_counter()
 
         loop(FixedBatch(fixed, args.warmup))

@@ -115,11 +115,11 @@ def load_state(module, state: dict, what: str) -> None:
         raise ConfigError(f"{what} does not fit: {str(e).splitlines()[0]}") from None
 
 
-# Options a resumed run may change freely: they only affect output, monitoring, speed or when
-# this launch stops. Any other difference from the checkpoint's options is refused unless
-# --allow-changed-args is given.
-FREE_ON_RESUME = ("output_dir", "resume", "workers", "print_freq", "compile", "knn_every", "knn_k", "knn_t",
-                  "knn_train_size", "knn_test_size", "epochs", "stop_after_epoch", "allow_changed_args",
+# Options a resumed run may change freely: they only affect output, monitoring, speed, where
+# the same data set is read from, or when this launch stops. Any other difference from the
+# checkpoint's options is refused unless --allow-changed-args is given.
+FREE_ON_RESUME = ("output_dir", "resume", "data_path", "workers", "print_freq", "compile", "knn_every", "knn_k",
+                  "knn_t", "knn_train_size", "knn_test_size", "epochs", "stop_after_epoch", "allow_changed_args",
                   "strict_data")
 
 
@@ -131,21 +131,23 @@ def changed_args(saved: dict, current: dict) -> list[str]:
             if k not in FREE_ON_RESUME and saved.get(k, missing) != current.get(k, missing)]
 
 
-def check_resume(ckpt: dict, path: str, args: dict, world_size: int, allow: bool) -> list[str]:
+def check_resume(ckpt: dict, path: str, args: dict, runtime: dict, allow: bool) -> list[str]:
     """Refuse (ConfigError) a resume that would silently change the run; return the accepted
     differences (allow=True) so the caller can print and log them.
 
-    A mid-epoch resume with another global batch or world size is refused even with allow:
-    it would skip the wrong samples of the interrupted epoch.
+    runtime: the world size and what the run resolved on its machine (device type, augmentation
+    path; older checkpoints hold only the world size), compared like the options. A mid-epoch resume
+    with another global batch or world size is refused even with allow: it would skip the
+    wrong samples of the interrupted epoch.
     """
-    saved_world = ckpt.get("world_size", world_size)
+    saved = {"world_size": ckpt.get("world_size", runtime["world_size"]), **ckpt.get("runtime", {})}
     if ckpt.get("step_in_epoch", 0) and (ckpt["args"].get("batch_size") != args["batch_size"]
-                                          or saved_world != world_size):
+                                          or saved["world_size"] != runtime["world_size"]):
         raise ConfigError(f"{path} stopped inside epoch {ckpt['epoch'] + 1} with --batch-size "
-                          f"{ckpt['args'].get('batch_size')} on {saved_world} processes; a mid-epoch resume "
-                          f"needs the same batch size and number of processes (got {args['batch_size']} "
-                          f"on {world_size})")
-    diff = changed_args(ckpt["args"], args)
+                          f"{ckpt['args'].get('batch_size')} on {saved['world_size']} processes; a mid-epoch "
+                          f"resume needs the same batch size and number of processes (got {args['batch_size']} "
+                          f"on {runtime['world_size']})")
+    diff = changed_args(ckpt["args"], args) + changed_args(saved, {k: runtime[k] for k in saved})
     if diff and not allow:
         raise ConfigError(f"{path} was written with other options: {'; '.join(diff)}. Rerun with the "
                           f"checkpoint's options, another --output-dir, or --allow-changed-args")
@@ -179,16 +181,22 @@ class RunLock:
             self.file.close()
 
 
-def prepare_output_dir(folder: str) -> None:
-    """Create the run folder; ConfigError if it is a file or cannot be written."""
+def check_output_dir(folder: str) -> None:
+    """ConfigError if the run folder is a file or an existing folder that cannot be written."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ConfigError(f"--output-dir {folder} is a file, not a folder; choose another --output-dir")
+    if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output-dir {folder} is not writable; choose another --output-dir")
+
+
+def prepare_output_dir(folder: str) -> None:
+    """Create the run folder; ConfigError if it is a file or cannot be written."""
+    check_output_dir(folder)
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create --output-dir {folder}: {e.strerror}") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigError(f"--output-dir {folder} is not writable; choose another --output-dir")
+    check_output_dir(folder)
 
 
 def append_json(path: str, entry: dict) -> None:

@@ -69,8 +69,10 @@ def one_line(error: BaseException) -> str:
     return last
 
 
-def fail(error: BaseException, show: bool = True) -> None:
-    """Print `error: <message>` (on one rank only: show=False on the others) and exit 1."""
+def fail(error: BaseException, show: bool = True, rank: int = None) -> None:
+    """Print `error: <message>` and exit 1. show=False keeps a rank quiet (an error every rank
+    has alike is printed by rank 0 alone); rank, when given, names the rank that hit it."""
     if show:
-        print(f"error: {one_line(error)}", file=sys.stderr)
+        where = f"rank {rank}: " if rank else ""
+        print(f"error: {where}{one_line(error)}", file=sys.stderr)
     sys.exit(EXIT_ERROR)

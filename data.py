@@ -31,7 +31,7 @@ MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
             "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
             "fashion-mnist": ((0.2860,) * 3, (0.3530,) * 3)}
 FASHION_MNIST_DEB = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
-SMALL_IMAGE = 64  # at or below this side: no blur (and model.py picks the small-image stems)
+SMALL_IMAGE = 64  # at or below this side: no blur (model.py's SMALL_IMAGE: the small-image stems)
 
 
 class DataError(Exception):

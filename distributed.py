@@ -101,6 +101,35 @@ def all_ok(ok: bool, device: torch.device = torch.device("cpu")) -> bool:
     return flag.item() == 0
 
 
+class StopAgreement:
+    """Whether any rank has received SIGTERM, agreed by all ranks after every step, without
+    waiting for the GPU: the flag is a CPU tensor all-reduced on a gloo group (also beside
+    nccl), started after step t and read after step t + 1, so the collective overlaps a step.
+    Every rank calls poll() once per step, so all stop after the same step. With one process
+    it is the event itself."""
+
+    def __init__(self, event: threading.Event):
+        self.event, self.pending = event, None
+        self.group = dist.new_group(backend="gloo") if world_size() > 1 else None  # every rank, in order
+
+    def poll(self) -> bool:
+        if self.group is None:
+            return self.event.is_set()
+        stopped = self.finish()
+        flag = torch.tensor([float(self.event.is_set())])
+        self.pending = (dist.all_reduce(flag, group=self.group, async_op=True), flag)
+        return stopped
+
+    def finish(self) -> bool:
+        """Wait for the flag in flight (call once the loop is over, on every rank)."""
+        if self.pending is None:
+            return False
+        work, flag = self.pending
+        work.wait()
+        self.pending = None
+        return flag.item() > 0
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

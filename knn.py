@@ -49,6 +49,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data import ignore_sigterm
 from distributed import all_gather, all_reduce_sum, world_size as process_count
 
 STOP_CHECK_EVERY = 10  # batches between the collectives that agree on stopping (SIGTERM)
@@ -92,7 +93,8 @@ def encode_shard(backbone, dataset, batch_size: int, workers: int, device, rank:
     real = len(mine)
     mine += [mine[0] if mine else 0] * (per_rank - real)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size,
-                                         num_workers=workers, pin_memory=device.type == "cuda")
+                                         num_workers=workers, pin_memory=device.type == "cuda",
+                                         worker_init_fn=ignore_sigterm)  # the main process saves and stops
     was_training = backbone.training
     backbone.eval()
     feats, labels, at, stopped = None, torch.empty(per_rank, dtype=torch.long, device=device), 0, False

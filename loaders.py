@@ -52,8 +52,9 @@ class SeededItems(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, i = key
-        torch.default_generator.manual_seed(derived_seed(self.seed, epoch, i))  # CPU generator only
-        return self.dataset[i]
+        with torch.random.fork_rng(devices=[]):  # with --workers 0 this runs in the main process:
+            torch.manual_seed(derived_seed(self.seed, epoch, i))  # leave its generator as it was
+            return self.dataset[i]
 
 
 class EpochItems(torch.utils.data.Sampler):
@@ -171,7 +172,13 @@ def build_train_loader(args, env, path: str) -> "TrainLoader":
     mean_std = MEAN_STD.get(args.dataset, IMAGENET_MEAN_STD)
     if batched and resident:
         images, labels = resident_arrays(train_set)
-        check_fits(images, dev)
+        error = None
+        try:
+            check_fits(images, dev)  # each rank's own GPU: all ranks must agree to go on
+        except DataError as e:
+            error = e
+        if not all_ok(error is None, dev):
+            raise error or DataError("another rank's GPU has no room for the training set; see its error")
         source = ResidentImages(images.to(dev), labels.to(dev), sampler, batch)
         views = DeviceAugmented(source, sampler, dev, args.image_size, args.crop_min, mean_std, args.seed,
                                 env.rank, crop=True, batch=batch)
@@ -181,7 +188,7 @@ def build_train_loader(args, env, path: str) -> "TrainLoader":
                                          worker_init_fn=ignore_sigterm, persistent_workers=args.workers > 0)
     views = DeviceAugmented(loader, sampler, dev, args.image_size, args.crop_min, mean_std, args.seed, env.rank,
                             crop=False, batch=batch) if batched else PILBatches(loader, dev)
-    return TrainLoader(views, sampler, batch, skipping)
+    return TrainLoader(views, sampler, batch, skipping, loader)
 
 
 def prepare_dataset(args, env) -> None:
@@ -215,8 +222,10 @@ class TrainLoader:
     """What train.py iterates: set_epoch(epoch, start_step), then ((x1, x2), y) on the device for
     steps start_step .. steps - 1. `steps` is the number of steps of a whole epoch."""
 
-    def __init__(self, batches, sampler: EpochSampler, batch: int, skipping: SkipUnreadable = None):
+    def __init__(self, batches, sampler: EpochSampler, batch: int, skipping: SkipUnreadable = None,
+                 dataloader: torch.utils.data.DataLoader = None):
         self.batches, self.sampler, self.batch, self.skipping = batches, sampler, batch, skipping
+        self.dataloader = dataloader
         self.steps = len(sampler.base) // batch
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
@@ -229,5 +238,11 @@ class TrainLoader:
     def __iter__(self):
         return iter(self.batches)
 
-    def __len__(self):
-        return self.steps - self.sampler.skip // self.batch
+    def close(self) -> None:
+        """End the persistent DataLoader workers now. They ignore SIGTERM (data.ignore_sigterm),
+        and Python's exit handler for child processes sends SIGTERM and then waits: workers still
+        running at exit would make it wait for ever."""
+        iterator = getattr(self.dataloader, "_iterator", None)
+        if iterator is not None:
+            iterator._shutdown_workers()  # the DataLoader's own shutdown; no public call does it
+            self.dataloader._iterator = None

@@ -48,6 +48,8 @@ class MemoryQueue(nn.Module):
         return self._filled
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "features" in state_dict and prefix + "labels" not in state_dict:
+            state_dict[prefix + "labels"] = torch.full_like(self.labels, -1)  # a checkpoint from before labels
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._filled = int(self.filled)  # a checkpoint load is the one place the host must ask
 

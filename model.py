@@ -8,7 +8,7 @@ there, in order, and none happens inside `forward`:
     k_all  = all_gather(k)                                        # collective, no gradient
     idx    = model.queue.nearest_indices(k, K)                    # Eq. 3, queue before update
     n_all  = model.queue.features[all_gather(idx)]                # identical queue on every rank
-    loss   = model(x1, x2, k1_all, k2_all, n1_all, n2_all, rank)  # Eq. 4 + Eq. 2, symmetric
+    loss, w = model(x1, x2, k1_all, k2_all, n1_all, n2_all, rank) # Eq. 4 + Eq. 2, symmetric
     loss.backward(); optimizer.step()
     model.momentum_update(m)                                      # EMA of f, g into f', g'
     model.queue.enqueue(k2_all, labels_all)                       # FIFO, view-2 keys only

@@ -67,7 +67,7 @@ class NeighbourQuality:
         w, s = w.double(), same.double()                                    # (n, K)
         self.sums += torch.stack([s.sum(), s[:, 0].sum(), (w * s).sum(), (w * (1 - s)).sum(), w.sum()])
         self.rows, self.pairs = self.rows + w.shape[0], self.pairs + w.numel()
-        self.samples.append((w[:self.sample_rows].float(), same[:self.sample_rows]))
+        self.samples.append((w[:self.sample_rows].float(), same[:self.sample_rows].clone()))  # not a view of all
 
     def summary(self) -> dict:
         """Figures over every rank's pairs (None where undefined); {} when no step had neighbours."""

@@ -2,10 +2,10 @@
 
 The loss and the positiveness statistics of each step stay on the device; every --print-freq
 steps one collective sums them over ranks, which is also where the host waits for the device:
-once per window, never per step. That read updates the progress bar (on a terminal) or prints
-one plain line (SLURM, nohup: a bar's carriage returns would fill the log), stops the run on a
-non-finite loss, and tells every rank whether any rank received SIGTERM, so all stop after the
-same step.
+once per window, never per step (except with --amp fp16, whose GradScaler checks the
+gradients for inf on the host every step: bf16, the default, needs no scaler). That read
+updates the progress bar (on a terminal) or prints one plain line (SLURM, nohup: a bar's
+carriage returns would fill the log) and stops the run on a non-finite loss.
 """
 import math
 import sys
@@ -21,7 +21,7 @@ class Progress:
     """The loop's statistics, kept on the device and read every --print-freq steps.
 
     Reading them is the loop's only host-device synchronisation and its only per-window
-    collective: sums over ranks, a NaN check, and whether any rank received SIGTERM.
+    collective on the training device: sums over ranks and a NaN check.
     """
 
     def __init__(self, args, env, epoch: int, start_it: int, steps: int):
@@ -45,19 +45,17 @@ class Progress:
         self.window_wait += wait_s
         self.bar.update()
 
-    def read(self, it: int, lr: float) -> bool:
-        """Sum the window over ranks; stop on a non-finite loss; True if any rank got SIGTERM."""
-        flag = torch.tensor([float(self.env.stop.is_set())], dtype=torch.float64, device=self.env.device)
-        both = distributed.all_reduce_sum(torch.cat([self.window, flag])).cpu()  # the one sync per window
+    def read(self, it: int, lr: float, kept: str) -> None:
+        """Sum the window over ranks, show it; stop on a non-finite loss (kept: what the
+        message says about the checkpoint)."""
+        sums = distributed.all_reduce_sum(self.window).cpu()  # the one sync per window
         # every rank ran the same steps with the same K: counts agree, sums average over ranks
-        window = torch.cat([both[:2] / self.env.world_size, torch.tensor(self.counts[::-1], dtype=torch.float64)])
-        stop = bool(both[2] > 0)                                # window: loss, w sums, w entries, steps
-        loss = window[0].item() / max(window[3].item(), 1)
+        window = torch.cat([sums / self.env.world_size, torch.tensor(self.counts[::-1], dtype=torch.float64)])
+        loss = window[0].item() / max(window[3].item(), 1)   # window: loss, w sums, w entries, steps
         if not math.isfinite(loss):
             step = self.epoch * self.steps
             raise FloatingPointError(f"loss is {loss} between step {step + self.first} and {step + it - 1} "
-                                     f"(epoch {self.epoch + 1}, iterations {self.first}-{it - 1}); stopped, the "
-                                     f"last checkpoint in {self.args.output_dir} is kept")
+                                     f"(epoch {self.epoch + 1}, iterations {self.first}-{it - 1}); stopped, {kept}")
         self.totals += window
         w = window[1].item() / max(window[2].item(), 1)
         now = time.perf_counter()
@@ -72,7 +70,6 @@ class Progress:
         self.first, self.window_start, self.window_wait = it, now, 0.0
         self.window.zero_()
         self.counts = [0, 0]
-        return stop
 
     def summary(self, done: int, lr: float, m: float) -> dict:
         """The epoch's log.txt entry (a collective: the largest w over ranks)."""

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pathlib
+import shlex
 import socket
 import subprocess
 import sys
@@ -498,10 +499,16 @@ def _two_rank_worker(rank, port, out_dir):
     ddp = wrap_ddp(m, torch.device("cpu"))
     opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
     torch.manual_seed(100 + rank)  # each rank sees different images
+    from neighbour_monitor import NeighbourQuality
+    quality = NeighbourQuality(torch.device("cpu"), sample_rows=2)
     for _ in range(3):
-        train_step(m, ddp, torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), opt, scaler, 0.99, rank)
+        labels = torch.randint(0, 3, (4,))
+        _, w, same, _ = train_step(m, ddp, torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), opt, scaler,
+                                   0.99, rank, labels=labels)
+        quality.update(w, same)
     distributed.average_batchnorm_stats(m)
-    torch.save({"mean": mean, "state": m.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save({"mean": mean, "state": m.state_dict(), "quality": quality.summary()},
+               os.path.join(out_dir, f"rank{rank}.pt"))
     distributed.cleanup()
 
 
@@ -515,6 +522,8 @@ def test_two_process_gloo(tmp_path):
     for r in (r0, r1):
         assert r["mean"].item() == pytest.approx(single.item(), rel=1e-5)
     assert int(r0["state"]["queue.filled"]) == 3 * 8  # 3 steps x global batch 8
+    assert (r0["state"]["queue.labels"][:24] >= 0).all()  # both ranks' labels, gathered beside the keys
+    assert r0["quality"] == r1["quality"] and 0 <= r0["quality"]["nn_agree"] <= 1  # summed over ranks
     assert r0["state"].keys() == r1["state"].keys()
     for key in r0["state"]:  # weights (DDP), queue (same gathered keys), BN statistics (averaged)
         assert torch.allclose(r0["state"][key].float(), r1["state"][key].float(), atol=1e-6), key
@@ -830,10 +839,17 @@ def test_resume_with_changed_options_is_refused_or_logged(smoke_run, tmp_path, c
     out = capsys.readouterr().out
     assert "resumed with a changed option (--allow-changed-args): lr: 0.1 -> 0.2" in out
     log = [json.loads(line) for line in (run / "log.txt").read_text().splitlines()]
-    assert {"epoch": 2, "changed_args": ["lr: 0.1 -> 0.2"]} in log and log[-1]["epoch"] == 3
+    assert {"epoch": 3, "changed_args": ["lr: 0.1 -> 0.2"]} in log and log[-1]["epoch"] == 3  # from epoch 3 on
     from checkpoint import read_log
     merged = read_log(run / "log.txt")                    # one entry per epoch, lines merged
-    assert [e["epoch"] for e in merged] == [0, 1, 2, 3] and {"loss", "changed_args"} <= set(merged[2])
+    assert [e["epoch"] for e in merged] == [0, 1, 2, 3] and {"loss", "changed_args"} <= set(merged[3])
+    ckpt = torch.load(run / "checkpoint.pth", weights_only=True)
+    assert ckpt["runtime"] == {"device": "cpu", "augment": "workers"} and ckpt["world_size"] == 1
+    ckpt["runtime"]["augment"] = "cuda"                   # as if written by a GPU run: noticed on resume
+    torch.save(ckpt, run / "checkpoint.pth")
+    with pytest.raises(SystemExit):
+        train.main(SMOKE + ["--epochs", "4", "--lr", "0.2", "--output-dir", str(run)])
+    assert "augment: 'cuda' -> 'workers'" in capsys.readouterr().err
 
 
 def test_mid_epoch_resume_with_another_batch_or_world_size_is_refused(smoke_run, tmp_path, capsys):
@@ -922,6 +938,38 @@ def test_unreadable_training_images_are_skipped_and_counted_or_named(tmp_path, c
     assert f"error: cannot read image {data}/val/b/0.jpg" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds the monitor's worker in /proc (Linux)")
+def test_sigterm_to_the_process_group_during_the_monitor_exits_143(tmp_path):
+    """As SLURM or torchrun send it: to every process, the monitor's DataLoader workers too
+    (they ignore it; the main process stops the monitor, keeps the saved epoch, exits 143)."""
+    import signal
+    import time
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(HERE / "train.py"), *SMOKE, "--fake-size", "512", "--batch-size", "64",
+           "--queue-size", "128", "--epochs", "3", "--workers", "1", "--output-dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    def workers_ignoring_sigterm():  # DataLoader workers that have run their worker_init_fn
+        pids = pathlib.Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        try:
+            masks = [next(line for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines()
+                          if line.startswith("SigIgn")) for pid in pids]
+        except (OSError, StopIteration):
+            return 0
+        return sum(int(mask.split()[1], 16) >> (signal.SIGTERM - 1) & 1 for mask in masks)
+
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / "checkpoint.pth").exists()  # epoch 1 saved, and its monitor's
+                                          and workers_ignoring_sigterm() >= 2):  # worker beside the training one
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143 and "SIGTERM: stopped after epoch 1" in stdout, (stdout[-2000:], stderr[-2000:])
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert log[-1]["epoch"] == 1 and log[-1].get("knn_interrupted") and "knn_top1" not in log[-1]
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 1
+
+
 def test_truncated_idx_file_names_the_file(tmp_path):
     import gzip
     from data import DataError, read_idx
@@ -977,20 +1025,20 @@ def test_resident_batches_follow_the_samplers_epoch_order():
 def test_mid_epoch_resume_on_the_device_path_is_bit_exact(tmp_path, monkeypatch):
     """--augment-device cpu (the training set held on the device, augment.py): a run stopped
     inside epoch 1 and resumed ends with the same weights, queue and statistics as a straight run."""
-    import progress
     import train
-    common = SMOKE + ["--epochs", "2", "--knn-every", "0", "--augment-device", "cpu", "--print-freq", "1"]
+    common = SMOKE + ["--epochs", "2", "--knn-every", "0", "--augment-device", "cpu"]
     train.main(common + ["--output-dir", str(tmp_path / "straight")])
-    read = progress.Progress.read
+    poll, polls = distributed.StopAgreement.poll, []
 
-    def sigterm_at_step_2(self, it, lr):                     # as if SIGTERM had arrived during step 2
-        return read(self, it, lr) or (self.epoch, it) == (0, 2)
+    def sigterm_during_step_2(self):                     # as if SIGTERM had arrived during step 2
+        polls.append(1)
+        return poll(self) or len(polls) == 2
 
-    monkeypatch.setattr(progress.Progress, "read", sigterm_at_step_2)
+    monkeypatch.setattr(distributed.StopAgreement, "poll", sigterm_during_step_2)
     with pytest.raises(SystemExit, match="143"):
         train.main(common + ["--output-dir", str(tmp_path / "resumed")])
     assert torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)["step_in_epoch"] == 2
-    monkeypatch.setattr(progress.Progress, "read", read)
+    monkeypatch.setattr(distributed.StopAgreement, "poll", poll)
     train.main(common + ["--output-dir", str(tmp_path / "resumed")])
     a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True)["model"]
     b = torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)["model"]
@@ -1011,24 +1059,40 @@ def test_a_resident_set_too_large_for_the_gpu_is_refused_with_the_option_to_use(
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="checks CUDA synchronisation: needs a GPU")
 def test_train_step_and_batched_views_never_wait_for_the_gpu():
     """torch.cuda.set_sync_debug_mode("error") raises at any host-device synchronisation
-    (.item(), nonzero, a blocking copy): none in augment.two_views nor in train_step."""
+    (.item(), nonzero, a blocking copy): none in the batched path (resident images, crop and
+    crop-free views with blur), train_step, Progress.add or NeighbourQuality.update."""
     import augment
-    from train import train_step
+    from data import EpochSampler
+    from loaders import DeviceAugmented, ResidentImages
+    from neighbour_monitor import NeighbourQuality
+    from progress import Progress
+    from train import get_args_parser, resolve_args, train_step
     dev = torch.device("cuda")
     torch.manual_seed(0)
     m = SNCLR("resnet18", 32, dim=16, mlp_dim=32, num_neighbors=2, queue_size=64).to(dev)
     m.queue.enqueue(torch.randn(64, 16, device=dev), torch.randint(0, 10, (64,), device=dev))
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    images, labels = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, device=dev), \
-        torch.randint(0, 10, (16,), device=dev)
+    images, labels = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device=dev), \
+        torch.randint(0, 10, (64,), device=dev)
+    sampler = EpochSampler(torch.utils.data.DistributedSampler(range(64), 1, 0, seed=0, drop_last=True))
+    views = DeviceAugmented(ResidentImages(images, labels, sampler, 16), sampler, dev, 32, 0.2,
+                            ((0.5,) * 3, (0.25,) * 3), 0, 0, crop=True, batch=16)
+    args = resolve_args(get_args_parser().parse_args(SMOKE))
+    env = distributed.Env(0, 1, dev)
+    progress, quality = Progress(args, env, 0, 0, 4), NeighbourQuality(dev)
+    big = torch.randint(0, 256, (4, 3, 96, 96), dtype=torch.uint8, device=dev)
     g = torch.Generator(device=dev)
-    for strict in (False, True):                           # a warm-up step first (cuDNN, allocator)
+    for strict in (False, True):                           # a warm-up pass first (cuDNN, allocator)
+        sampler.set_epoch(int(strict))
         torch.cuda.set_sync_debug_mode("error" if strict else "default")
         try:
+            for (x1, x2), y in views:                       # the epoch's order: one copy before the loop
+                loss, w, same, _ = train_step(m, m, x1, x2, opt, scaler, 0.99, labels=y)
+                progress.add(loss, w, None, 0.0)
+                quality.update(w, same)
             g.manual_seed(1)
-            x1, x2 = augment.two_views(images, 32, 0.2, (0.5,) * 3, (0.25,) * 3, g)
-            train_step(m, m, x1, x2, opt, scaler, 0.99, labels=labels)
+            augment.two_views([big, big], 96, 0.2, (0.5,) * 3, (0.25,) * 3, g, crop=False)  # with blur
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
@@ -1767,6 +1831,18 @@ def test_bench_default_out_is_not_the_committed_results():
     out = pathlib.Path(parser.parse_args([]).out)
     assert out.parts[0] == "runs" and "results" not in out.parts   # runs/ is in .gitignore
     assert "--out results" in " ".join(parser.format_help().split())
+
+
+# ---------------------------------------------------------------------- ablations.py ---
+def test_ablation_results_of_other_settings_are_refused_not_reused(tmp_path):
+    import ablations
+    args = ablations.get_args_parser().parse_args(["--results", str(tmp_path), "--runs", str(tmp_path / "runs")])
+    row = {"variant": "cosine", "seed": 0, "command": shlex.join(ablations.train_command("cosine", 0, args))}
+    (tmp_path / "ablation_cosine_s0.json").write_text(json.dumps(row))
+    assert ablations.result("cosine", 0, args) == row                      # the same settings: reused
+    gpu = ablations.get_args_parser().parse_args(["--results", str(tmp_path), "--epochs", "100", "--device", "cuda"])
+    with pytest.raises(SystemExit, match="holds a run of other settings"):
+        ablations.result("cosine", 0, gpu)
 
 
 # --------------------------------------------------------------------------- project ---

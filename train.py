@@ -20,8 +20,8 @@ import torch.nn as nn
 
 import cli
 import distributed
-from checkpoint import (ConfigError, RunLock, append_json, check_resume, load_checkpoint, load_state,
-                        prepare_output_dir, save_checkpoint)
+from checkpoint import (ConfigError, RunLock, append_json, check_output_dir, check_resume, load_checkpoint,
+                        load_state, prepare_output_dir, save_checkpoint)
 from cli import nonneg_float, nonneg_int, positive_float, positive_int
 from data import DATASETS, FASHION_MNIST_DEB, IMAGE_SIZE, DataError
 from knn import knn_accuracy
@@ -167,6 +167,13 @@ def check_args(args, env) -> None:
                           f"--augment-device {env.device.type} or workers")
 
 
+def runtime(args, env) -> dict:
+    """What a run resolved on its machine (not in args: --device auto and --augment-device auto
+    resolve here), stored in checkpoints beside the world size so a resume that changes it is
+    noticed."""
+    return {"device": env.device.type, "augment": augment_path(args, env)}
+
+
 def augment_path(args, env) -> str:
     """--augment-device resolved: "workers", "cpu" or "cuda"."""
     if args.augment_device == "auto":
@@ -232,11 +239,13 @@ def train_step(model: SNCLR, ddp_model: nn.Module, x1, x2, optimizer, scaler, mo
     return loss.detach(), w, same, search_s
 
 
-def train_one_epoch(model, ddp_model, loader, optimizer, scaler, epoch, start_it, args, env, labelled: bool):
+def train_one_epoch(model, ddp_model, loader, optimizer, scaler, epoch, start_it, args, env, labelled: bool,
+                    stopper: distributed.StopAgreement):
     """Iterations start_it .. steps-1 of one epoch. Returns (log entry, iterations done, stopped).
 
     No host-device synchronisation per step (see Progress). It stops early, on every rank after
-    the same step, once any rank has received SIGTERM (env.stop, set by main's signal handler).
+    the same step, once any rank has received SIGTERM (the signal handler sets the event that
+    stopper polls; a step in progress, or a wait for its batch, is finished first).
     """
     steps = loader.steps
     use_amp = env.device.type == "cuda" and args.amp != "none"
@@ -244,6 +253,7 @@ def train_one_epoch(model, ddp_model, loader, optimizer, scaler, epoch, start_it
                               enabled=use_amp)
     channels_last = env.device.type == "cuda" and args.arch in RESNETS
     progress, quality = Progress(args, env, epoch, start_it, steps), NeighbourQuality(env.device)
+    kept = f"the last checkpoint in {args.output_dir} is kept" if epoch or start_it else "no checkpoint was written"
     it, stop, lr, m = start_it, False, 0.0, 0.0
     waited = time.perf_counter()
     for (x1, x2), y in loader:
@@ -252,7 +262,7 @@ def train_one_epoch(model, ddp_model, loader, optimizer, scaler, epoch, start_it
         lr, m = learning_rate(step, steps, args), momentum_schedule(step, steps * args.epochs, args.momentum)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if channels_last:  # cuDNN's fastest convolution layout (the model is converted in run)
+        if channels_last:  # cuDNN's fastest convolution layout (setup converts the model)
             x1, x2 = x1.contiguous(memory_format=torch.channels_last), x2.contiguous(memory_format=torch.channels_last)
         loss, w, same, search_s = train_step(model, ddp_model, x1, x2, optimizer, scaler, m, env.rank, autocast,
                                              y if labelled else None)
@@ -260,10 +270,13 @@ def train_one_epoch(model, ddp_model, loader, optimizer, scaler, epoch, start_it
         progress.add(loss, w, search_s, wait_s)
         if same is not None:
             quality.update(w, same)
-        if (it % args.print_freq == 0 or it == steps) and progress.read(it, lr):
-            stop = True
+        stop = stopper.poll()  # every rank agrees after every step, without waiting for the GPU
+        if stop or it % args.print_freq == 0 or it == steps:
+            progress.read(it, lr, kept)
+        if stop:
             break
         waited = time.perf_counter()
+    stop = stopper.finish() or stop  # a SIGTERM during the last step
     log = progress.summary(max(it - start_it, 1), lr, m)
     if args.learn_gamma:
         log["gamma"] = model.positiveness.gamma.item()
@@ -295,9 +308,9 @@ def setup(args, env):
     check_args(args, env)
     ckpt_path = args.resume or os.path.join(args.output_dir, "checkpoint.pth")
     ckpt = load_checkpoint(ckpt_path) if args.resume or os.path.isfile(ckpt_path) else None
-    changes = check_resume(ckpt, ckpt_path, vars(args), env.world_size, args.allow_changed_args) if ckpt else []
-    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        raise ConfigError(f"--output-dir {args.output_dir} is a file, not a folder; choose another --output-dir")
+    changes = check_resume(ckpt, ckpt_path, vars(args), {"world_size": env.world_size, **runtime(args, env)},
+                           args.allow_changed_args) if ckpt else []
+    check_output_dir(args.output_dir)  # before the data is read; created after everything is checked
     prepare_dataset(args, env)
     loader = build_train_loader(args, env, augment_path(args, env))
     knn_sets, num_classes = build_knn_sets(args)
@@ -335,8 +348,8 @@ def run(args, env) -> int:
                 json.dump(vars(args), f, indent=2)
             for change in changes:
                 print(f"resumed with a changed option (--allow-changed-args): {change}")
-            if changes:
-                append_json(log_path, {"epoch": epoch, "changed_args": changes})
+            if changes:  # logged with the first epoch they apply to
+                append_json(log_path, {"epoch": epoch + 1, "changed_args": changes})
         except ConfigError as e:
             failed = e
     if not distributed.all_ok(failed is None, env.device):
@@ -345,33 +358,37 @@ def run(args, env) -> int:
         return train_epochs(model, ddp_model, loader, optimizer, scaler, knn_sets, num_classes, ckpt, epoch,
                             start_it, args, env)
     finally:
+        loader.close()
         if lock is not None:
             lock.release()
+
+
+def save(path: str, state: dict, env, log_path: str, log: dict = None) -> None:
+    """Rank 0 writes the checkpoint; every rank learns whether it could, so a full disk stops
+    all of them (one line, from rank 0). The epoch's log line is kept even then."""
+    error = None
+    if env.main:
+        try:
+            save_checkpoint(path, state)
+        except ConfigError as e:
+            error = e
+            if log:
+                append_json(log_path, log)
+    if not distributed.all_ok(error is None, env.device):
+        raise error or ConfigError("rank 0 could not save the checkpoint; see its error")
 
 
 def train_epochs(model, ddp_model, loader, optimizer, scaler, knn_sets, num_classes, ckpt, epoch, start_it,
                  args, env) -> int:
     """The epoch loop. After each epoch: the log line is ready, the checkpoint is saved, and
-    only then does the kNN monitor run, so a SIGTERM during the monitor (or the save, or a
-    wait for data) loses nothing: the run stops within seconds with a complete checkpoint."""
+    only then does the kNN monitor run, so a SIGTERM during the monitor (or the save) loses
+    nothing: the run stops within seconds with a complete checkpoint."""
     log_path, save_path = os.path.join(args.output_dir, "log.txt"), os.path.join(args.output_dir, "checkpoint.pth")
     baseline = ckpt.get("knn_random_init") if ckpt else None
-
-    def save(epoch, step_in_epoch=0, log=None):  # (epoch, step) = where training continues
-        error = None
-        if env.main:
-            try:
-                save_checkpoint(save_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                            "scaler": scaler.state_dict(), "epoch": epoch,
-                                            "step_in_epoch": step_in_epoch, "world_size": env.world_size,
-                                            "knn_random_init": baseline, "args": vars(args)})
-            except ConfigError as e:
-                error = e
-                if log:  # the epoch's figures are kept even when its checkpoint could not be
-                    append_json(log_path, log)
-        if not distributed.all_ok(error is None, env.device):
-            raise error or ConfigError("rank 0 could not save the checkpoint; see its error")
-
+    state = lambda epoch, step=0: {  # noqa: E731  (epoch, step) = where training continues
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        "epoch": epoch, "step_in_epoch": step, "knn_random_init": baseline, "args": vars(args),
+        "world_size": env.world_size, "runtime": runtime(args, env)}
     if epoch == 0 and start_it == 0:  # every run measures its own random-init baseline
         baseline = monitor_knn(model, knn_sets, num_classes, args, env, "random init")
         if baseline is None:
@@ -380,21 +397,22 @@ def train_epochs(model, ddp_model, loader, optimizer, scaler, knn_sets, num_clas
             append_json(log_path, {"epoch": 0, "knn_top1": baseline})
     end = min(args.epochs, args.stop_after_epoch or args.epochs)
     if epoch >= end and env.main:
-        print(f"{save_path} is at epoch {epoch}: nothing to train (--epochs {args.epochs})")
-    labelled = num_classes > 1  # a folder with one class has no labels to compare neighbours with
+        print(f"{save_path} is at epoch {epoch}: nothing to train (it stops after epoch {end}: --epochs "
+              f"{args.epochs}, --stop-after-epoch {args.stop_after_epoch})")
+    labelled, stopper = num_classes > 1, distributed.StopAgreement(env.stop)  # one class: no labels to compare
     for epoch in range(epoch, end):
         loader.set_epoch(epoch, start_it)
         skipped = loader.skipped()
         log, it, stopped = train_one_epoch(model, ddp_model, loader, optimizer, scaler, epoch, start_it, args, env,
-                                           labelled)
+                                           labelled, stopper)
         start_it = 0
         distributed.average_batchnorm_stats(model)  # CPU ranks: one set of statistics to eval and save
         if stopped and it < loader.steps:
-            save(epoch, it)
+            save(save_path, state(epoch, it), env, log_path)
             return preempted(env, f"at epoch {epoch + 1}, iteration {it}; saved {save_path}")
         log["skipped_images"] = int(distributed.all_reduce_sum(
             torch.tensor([loader.skipped() - skipped], device=env.device)).item())
-        save(epoch + 1, log=log)
+        save(save_path, state(epoch + 1), env, log_path, log)
         due = epoch + 1 == args.epochs or (args.knn_every > 0 and (epoch + 1) % args.knn_every == 0)
         if due and not stopped:
             knn = monitor_knn(model, knn_sets, num_classes, args, env, f"epoch {epoch + 1}")
@@ -415,9 +433,9 @@ def summary_line(baseline: float, log: dict, epochs: int) -> str:
     """kNN before and after; with labels, how the last epoch's neighbours and w did."""
     line = f"kNN top-1: random init {baseline:.2f}% -> after {epochs} epochs {log['knn_top1']:.2f}%"
     if "nn_agree" in log:
-        auroc = "n/a" if log["w_auroc"] is None else f"{log['w_auroc']:.3f}"
-        line += (f"; last epoch: {100 * log['nn_agree']:.1f}% of neighbours share the class, w AUROC same vs "
-                 f"other class {auroc}")
+        fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731 (undefined: e.g. w = 0 throughout)
+        line += (f"; last epoch: {100 * log['nn_agree']:.1f}% of neighbours share the class, mean w "
+                 f"{fmt(log['w_same'])} same / {fmt(log['w_other'])} other class, w AUROC {fmt(log['w_auroc'])}")
     return line
 
 
@@ -440,7 +458,10 @@ def main(argv=None) -> None:
             previous = signal.signal(signal.SIGTERM, lambda *_: env.stop.set())
         status = run(args, env)
     except (ConfigError, DataError, FloatingPointError) as e:
-        cli.fail(e, show=env is None or env.main)  # under torchrun rank 0 alone prints it
+        # options are the same on every rank: rank 0 alone reports them; a data or numeric error
+        # may be one rank's own (its shard, its GPU's memory), so that rank reports it
+        cli.fail(e, show=env is None or env.main or not isinstance(e, ConfigError),
+                 rank=None if env is None or env.world_size == 1 else env.rank)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
