@@ -128,6 +128,13 @@ def encode(model: SNCLR, dataset, batch_size: int, workers: int, device, online:
     return torch.cat(keys), torch.cat(ys) if online else None, torch.cat(labels)
 
 
+def positiveness_name(a: dict) -> str:
+    """The run's positiveness rule as the pictures name it, e.g. "cosine, t = 0.1"."""
+    if a.get("positiveness_t", 1.0) != 1.0:
+        return f"{a['positiveness']}, t = {a['positiveness_t']:g}"
+    return a["positiveness"] + (", learned gamma" if a.get("learn_gamma") else "")
+
+
 @torch.no_grad()
 def soft_neighbours(model: SNCLR, bank_keys: torch.Tensor, query_keys: torch.Tensor, y: torch.Tensor, k: int):
     """Indices (Q, k) into the bank and positiveness w (Q, k) of each query's neighbours.
@@ -169,7 +176,7 @@ def neighbour_grid(args, side: int = 64) -> None:
     cell_w, cell_h = side + 2 * pad, side + 2 * pad + text_h
     canvas = Image.new("RGB", ((k + 1) * cell_w + pad, queries * cell_h + 20), WHITE)
     draw = ImageDraw.Draw(canvas)
-    draw.text((pad, 4), f"query | {k} nearest of {len(bank)} train images | w: {a['positiveness']} "
+    draw.text((pad, 4), f"query | {k} nearest of {len(bank)} train images | w: {positiveness_name(a)} "
                         f"| green: same class", fill=BLACK)
     for r in range(queries):
         top = 20 + r * cell_h
@@ -270,7 +277,7 @@ def calibration(args) -> None:
     canvas = Image.new("RGB", (760, 460), WHITE)
     draw = ImageDraw.Draw(canvas)
     draw.text((20, 8), f"w of each test query's K = {k} nearest keys among {len(bank)} train images "
-                       f"({len(test)} queries, {a['positiveness']} positiveness)", fill=BLACK)
+                       f"({len(test)} queries, {positiveness_name(a)} positiveness)", fill=BLACK)
     draw.text((20, 24), f"mean w: same class {show(f['w_same'])}, other class {show(f['w_other'])}; "
                         f"AUROC same vs other {show(f['auroc'], 3)} (0.5 = chance)", fill=BLACK)
     histogram_panel(draw, (80, 80, 730, 380), [(f"same class ({f['same']} pairs)", w[same], GREEN),
