@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import sys
 
 import torch
 import torch.nn as nn
@@ -235,6 +236,12 @@ def labels_of(dataset) -> list:
     return list(dataset.targets) if hasattr(dataset, "targets") else [y for _, y in dataset]
 
 
+def show_bars(env) -> bool:
+    """Progress bars on rank 0 and on a terminal only: in a log file (SLURM, nohup) their
+    carriage-return updates would fill it; the per-epoch lines in log.txt say the same."""
+    return env.main and sys.stderr.isatty()
+
+
 def accuracy(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list:
     """Number of rows whose target is among the top-k logits, for each k (k capped at C)."""
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices            # (n, kmax)
@@ -247,7 +254,7 @@ def evaluate(model: nn.Module, loader, env) -> tuple[float, float]:
     """Top-1 / top-5 (%) over a loader whose sampler shards the data across ranks."""
     model.eval()
     counts = torch.zeros(3, device=env.device)  # top-1 hits, top-5 hits, images
-    for x, y in tqdm(loader, desc="eval", disable=not env.main, leave=False):
+    for x, y in tqdm(loader, desc="eval", disable=not show_bars(env), leave=False):
         x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
         with torch.autocast(env.device.type, torch.bfloat16, enabled=env.device.type == "cuda"):
             logits = model(x).float()
@@ -278,7 +285,7 @@ def probe_cached(backbone, dim, num_classes, train_set, test_set, args, env, bas
     head = linear_head(dim, num_classes).to(env.device)
     opt = torch.optim.SGD(head.parameters(), lr=base_lr, momentum=0.9, weight_decay=args.weight_decay)
     steps, logs = math.ceil(len(train_y) / args.batch_size), []
-    for epoch in tqdm(range(args.epochs), desc="linear probe", disable=not env.main):
+    for epoch in tqdm(range(args.epochs), desc="linear probe", disable=not show_bars(env)):
         for it, idx in enumerate(torch.randperm(len(train_y), device=env.device).split(args.batch_size)):
             opt.param_groups[0]["lr"] = cosine_lr(epoch * steps + it, args.epochs * steps, base_lr)
             loss = nn.functional.cross_entropy(head(train_f[idx]), train_y[idx])
@@ -330,7 +337,8 @@ def train_classifier(backbone, dim, num_classes, train_set, test_set, args, env,
         torch.manual_seed(args.seed + 1000 * epoch + env.rank)
         model.train()
         backbone.train(finetune)  # a probe keeps BN statistics frozen too
-        for it, (x, y) in enumerate(tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not env.main)):
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not show_bars(env))
+        for it, (x, y) in enumerate(bar):
             lr = cosine_lr(epoch * steps + it, args.epochs * steps, base_lr)
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_scale"]
