@@ -79,7 +79,9 @@ def resident_arrays(dataset) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(dataset, SkipUnreadable):
         dataset = dataset.dataset
     if isinstance(dataset, FashionMNIST):
-        images, labels = torch.from_numpy(dataset.images.copy())[:, None], torch.as_tensor(dataset.labels)
+        # copies: the IDX arrays are read-only views of the decompressed file
+        images = torch.from_numpy(dataset.images.copy())[:, None]   # (N, 1, 28, 28)
+        labels = torch.from_numpy(dataset.labels.copy())
     elif hasattr(dataset, "data") and hasattr(dataset, "targets"):  # torchvision CIFAR: (N, H, W, 3)
         images, labels = torch.from_numpy(dataset.data).permute(0, 3, 1, 2), torch.as_tensor(dataset.targets)
     else:
