@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import sys
 
 import torch
 import torch.nn as nn
@@ -33,6 +32,7 @@ from cli import nonneg_float, nonneg_int, positive_float, positive_int
 from data import DATASETS, NUM_CLASSES, DataError, SkipUnreadable, build_dataset, eval_transform, fixed_subset
 from knn import extract_features, knn_accuracy
 from model import ARCHS, build_backbone
+from progress import show_bars
 
 KNN_DEFAULTS = {"knn_k": 200, "knn_t": 0.07}  # InstDisc's; for checkpoints that predate the options
 
@@ -236,12 +236,6 @@ def labels_of(dataset) -> list:
     return list(dataset.targets) if hasattr(dataset, "targets") else [y for _, y in dataset]
 
 
-def show_bars(env) -> bool:
-    """Progress bars on rank 0 and on a terminal only: in a log file (SLURM, nohup) their
-    carriage-return updates would fill it; the per-epoch lines in log.txt say the same."""
-    return env.main and sys.stderr.isatty()
-
-
 def accuracy(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list:
     """Number of rows whose target is among the top-k logits, for each k (k capped at C)."""
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices            # (n, kmax)
@@ -254,7 +248,7 @@ def evaluate(model: nn.Module, loader, env) -> tuple[float, float]:
     """Top-1 / top-5 (%) over a loader whose sampler shards the data across ranks."""
     model.eval()
     counts = torch.zeros(3, device=env.device)  # top-1 hits, top-5 hits, images
-    for x, y in tqdm(loader, desc="eval", disable=not show_bars(env), leave=False):
+    for x, y in tqdm(loader, desc="eval", disable=not show_bars(env.main), leave=False):
         x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
         with torch.autocast(env.device.type, torch.bfloat16, enabled=env.device.type == "cuda"):
             logits = model(x).float()
@@ -285,7 +279,7 @@ def probe_cached(backbone, dim, num_classes, train_set, test_set, args, env, bas
     head = linear_head(dim, num_classes).to(env.device)
     opt = torch.optim.SGD(head.parameters(), lr=base_lr, momentum=0.9, weight_decay=args.weight_decay)
     steps, logs = math.ceil(len(train_y) / args.batch_size), []
-    for epoch in tqdm(range(args.epochs), desc="linear probe", disable=not show_bars(env)):
+    for epoch in tqdm(range(args.epochs), desc="linear probe", disable=not show_bars(env.main)):
         for it, idx in enumerate(torch.randperm(len(train_y), device=env.device).split(args.batch_size)):
             opt.param_groups[0]["lr"] = cosine_lr(epoch * steps + it, args.epochs * steps, base_lr)
             loss = nn.functional.cross_entropy(head(train_f[idx]), train_y[idx])
@@ -337,7 +331,7 @@ def train_classifier(backbone, dim, num_classes, train_set, test_set, args, env,
         torch.manual_seed(args.seed + 1000 * epoch + env.rank)
         model.train()
         backbone.train(finetune)  # a probe keeps BN statistics frozen too
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not show_bars(env))
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not show_bars(env.main))
         for it, (x, y) in enumerate(bar):
             lr = cosine_lr(epoch * steps + it, args.epochs * steps, base_lr)
             for g in opt.param_groups:

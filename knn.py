@@ -40,7 +40,6 @@ compute, bounds the run, the monitor decodes 110k images against the epoch's 1.2
 8.6 %, less since its centre crop is cheaper than two augmented views). --knn-every N divides
 either figure by N.
 """
-import sys
 import threading
 from typing import NamedTuple, Optional
 
@@ -51,6 +50,7 @@ from tqdm import tqdm
 
 from data import ignore_sigterm
 from distributed import all_gather, all_reduce_sum, world_size as process_count
+from progress import show_bars
 
 STOP_CHECK_EVERY = 10  # batches between the collectives that agree on stopping (SIGTERM)
 VOTE_ELEMENTS = 2 ** 24  # one-hot votes (rows x k x C floats) materialised at once: 64 MB
@@ -99,7 +99,7 @@ def encode_shard(backbone, dataset, batch_size: int, workers: int, device, rank:
     backbone.eval()
     feats, labels, at, stopped = None, torch.empty(per_rank, dtype=torch.long, device=device), 0, False
     try:
-        for i, (x, y) in enumerate(tqdm(loader, desc=desc, disable=rank != 0 or not sys.stderr.isatty(), leave=False)):
+        for i, (x, y) in enumerate(tqdm(loader, desc=desc, disable=not show_bars(rank == 0), leave=False)):
             if stop is not None and (world_size == 1 or i % stop_every == 0) \
                     and _any_rank_stopped(stop, world_size, device):
                 stopped = True

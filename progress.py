@@ -17,6 +17,12 @@ from tqdm import tqdm
 import distributed
 
 
+def show_bars(main: bool) -> bool:
+    """Progress bars on the main rank and on a terminal only: in a log file (SLURM, nohup) their
+    carriage-return updates would fill it; plain lines and log.txt say the same there."""
+    return main and sys.stderr.isatty()
+
+
 class Progress:
     """The loop's statistics, kept on the device and read every --print-freq steps.
 
@@ -33,7 +39,7 @@ class Progress:
         self.first, self.search_s, self.wait_s, self.window_wait = start_it, 0.0, 0.0, 0.0
         self.start = self.window_start = time.perf_counter()
         self.bar = tqdm(total=steps, initial=start_it, desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True,
-                        disable=not (env.main and sys.stderr.isatty()))
+                        disable=not show_bars(env.main))
 
     def add(self, loss, w, search_s, wait_s) -> None:
         self.window += torch.stack([loss.double(), w.double().sum()])
