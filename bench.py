@@ -41,6 +41,8 @@ import augment
 import cli
 import data
 import distributed
+import options
+import run_control
 import train
 from checkpoint import ConfigError
 from cli import nonneg_int, positive_int
@@ -52,7 +54,7 @@ from train import train_step
 
 JPEG_SIZE, JPEG_QUALITY = (500, 375), 90  # a typical ImageNet photo (width, height), typical quality
 LOADER_SIZE = 224                         # (a) times the ImageNet recipe's crop size
-CROP_MIN = train.RECIPES["resnet"]["crop_min"]
+CROP_MIN = options.RECIPES["resnet"]["crop_min"]
 CLASSES = 10                              # class folders of the synthetic ImageFolder
 
 
@@ -378,7 +380,7 @@ def train_args(args, root: str):
             "--batch-size", str(args.batch_size), "-K", str(args.num_neighbors), "--queue-size",
             str(args.queue_size), "--dim", str(args.dim), "--mlp-dim", str(args.mlp_dim), "--workers",
             str(args.data_workers), "--device", args.device, "--augment-device", args.augment_device]
-    return train.resolve_args(train.get_args_parser().parse_args(argv + ["--compile"] * args.compile))
+    return options.parse_args(argv + ["--compile"] * args.compile)
 
 
 def end_to_end(args, env, targs) -> dict:
@@ -388,34 +390,36 @@ def end_to_end(args, env, targs) -> dict:
     pipeline fill (each worker makes a whole batch before the first arrives), which a real epoch
     of thousands of steps amortises; train.py's own whole-epoch figure is reported too."""
     with contextlib.redirect_stdout(sys.stderr):  # train.py's progress lines; stdout keeps the table
-        loader, _, num_classes, model, optimizer, scaler, *_ = train.setup(targs, env)
-        B, S, dev = targs.batch_size, targs.image_size, env.device
+        run = run_control.setup(targs, env, train.build_optimizer)
+        loader, B, S, dev = run.loader, targs.batch_size, targs.image_size, env.device
         views = tuple(torch.randn(B, 3, S, S, device=dev) for _ in range(2))
-        fixed = (views, torch.arange(B, device=dev) % num_classes)
+        fixed = (views, torch.arange(B, device=dev) % run.num_classes)
 
-        def loop(source):
+        def loop(source):  # train.py's epoch, reading batches from source
             clock = Clock(source)
-            log, _, _ = train.train_one_epoch(model, model, clock, optimizer, scaler, 0, 0, targs, env,
-                                              num_classes > 1, distributed.StopAgreement(env.stop))
+            run.loader, run.start_it = clock, 0
+            log, _, _ = train.train_one_epoch(run, 0)
             return clock, log, time.perf_counter()
 
-        loop(FixedBatch(fixed, args.warmup))
-        loader.set_epoch(0)
-        clock, log, end = loop(loader)
-        alone, _, alone_end = loop(FixedBatch(fixed, loader.steps))
+        with run:
+            loop(FixedBatch(fixed, args.warmup))
+            loader.set_epoch(0)
+            clock, log, end = loop(loader)
+            alone, _, alone_end = loop(FixedBatch(fixed, loader.steps))
+            run.loader = loader  # closed with the run
     skip = min(max(targs.workers, 1), loader.steps // 2)
     rate, wait = clock.window(skip, end, B)
     return {"end_to_end_images_per_s": rate, "step_only_images_per_s": alone.window(skip, alone_end, B)[0],
             "data_wait_share": wait, "end_to_end_epoch_images_per_s": log["images_per_s"],
             "epoch_data_wait_share": log["data_wait_share"], "timed_steps": loader.steps - skip,
-            "skipped_steps": skip, "augment_path": train.augment_path(targs, env)}
+            "skipped_steps": skip, "augment_path": options.augment_path(targs, env)}
 
 
 def data_benchmark(args, env) -> tuple[dict, list[str]]:
     """(a), (b), (c) on JPEGs in a temporary folder; the result and its lines of text."""
     with tempfile.TemporaryDirectory(prefix="snclr_bench_") as tmp:
         targs = train_args(args, tmp)
-        train.check_args(targs, env)                                # before anything is written
+        options.check_args(targs, env)                                # before anything is written
         t0 = time.perf_counter()
         paths = write_jpegs(os.path.join(tmp, "jpeg"), args.data_images, args.data_workers)
         link_folder(paths, os.path.join(tmp, "data"), args.data_steps * args.batch_size)

@@ -61,6 +61,13 @@ class NeighbourQuality:
         self.samples = []  # (w, same) of the first sample_rows rows of each step
 
     @torch.no_grad()
+    def observe(self, w: torch.Tensor, queue_labels: torch.Tensor, idx: torch.Tensor, labels: torch.Tensor) -> None:
+        """One training step: w (n, K), the queue's labels (size,), the rows idx (n, K) of each
+        query's neighbors in the queue, labels (n / 2,) of the images (w's rows are view 1 then
+        view 2 of the same images)."""
+        self.update(w, queue_labels[idx] == labels.repeat(2)[:, None])  # (n, K) same class?
+
+    @torch.no_grad()
     def update(self, w: torch.Tensor, same: torch.Tensor) -> None:
         if w.shape[1] == 0:  # K = 0 or the queue still too short: no neighbours this step
             return

@@ -36,17 +36,16 @@ class Progress:
         self.counts = [0, 0]                                                  # steps, w entries (host)
         self.totals = torch.zeros(4, dtype=torch.float64)                     # read so far this epoch
         self.w_max = torch.zeros((), device=env.device)
-        self.first, self.search_s, self.wait_s, self.window_wait = start_it, 0.0, 0.0, 0.0
+        self.first, self.wait_s, self.window_wait = start_it, 0.0, 0.0
         self.start = self.window_start = time.perf_counter()
         self.bar = tqdm(total=steps, initial=start_it, desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True,
                         disable=not show_bars(env.main))
 
-    def add(self, loss, w, search_s, wait_s) -> None:
+    def add(self, loss, w, wait_s) -> None:
         self.window += torch.stack([loss.double(), w.double().sum()])
         self.counts = [self.counts[0] + 1, self.counts[1] + w.numel()]
         if w.numel():
             self.w_max = torch.maximum(self.w_max, w.max().float())
-        self.search_s += search_s or 0.0
         self.wait_s += wait_s
         self.window_wait += wait_s
         self.bar.update()
@@ -85,6 +84,5 @@ class Progress:
         w_max = distributed.all_gather(self.w_max[None]).max().item()
         return {"epoch": self.epoch + 1, "loss": t[0].item() / max(t[3].item(), 1), "lr": lr, "momentum": m,
                 "w_mean": t[1].item() / max(t[2].item(), 1), "w_max": w_max,
-                **({"nn_search_ms": 1000 * self.search_s / done} if self.env.device.type == "cpu" else {}),
                 "images_per_s": done * self.args.batch_size / elapsed, "epoch_s": elapsed,
                 "data_wait_s": self.wait_s, "data_wait_share": self.wait_s / elapsed}

@@ -1,0 +1,283 @@
+"""What keeps a training run alive, kept out of train.py's way (DINO keeps the same in utils.py).
+
+train.py holds the method: the step, the epoch, the schedules. Around them a run needs:
+- `launch`: the torchrun process group, SIGTERM / SIGINT handlers, one `error:` line per
+  failure and the exit status (0 done, 1 error, 143 SIGTERM, 130 Ctrl-C);
+- `setup`: options checked, the checkpoint to resume read and compared with the options,
+  data, model, optimizer, then the output folder, its lock and args.json;
+- `Run.end_epoch`: batch-norm statistics, the checkpoint and the epoch's log line (on disk
+  together), then the kNN monitor, whose figure is added to the log when it exists;
+- `Run.close`: every loader and the lock released, on every exit path.
+The order after an epoch (save, then monitor) means a signal during the monitor loses nothing.
+"""
+import json
+import os
+import signal
+import sys
+import threading
+
+import torch
+import torch.nn as nn
+
+import cli
+import distributed
+from checkpoint import (ConfigError, RunLock, append_json, check_output_dir, check_resume, load_checkpoint,
+                        load_state, prepare_output_dir, save_checkpoint)
+from data import DataError
+from knn import knn_accuracy
+from loaders import build_knn_sets, build_train_loader, prepare_dataset
+from model import RESNETS, build_model
+from options import augment_path, check_args, runtime
+
+SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
+
+
+def launch(train, args) -> None:
+    """Run train(args, env) in this torchrun process and exit with its status: 0 done,
+    128 + signal after a SIGTERM / Ctrl-C (saved, resumable), 1 with one `error:` line."""
+    env, previous, status = None, {}, 0
+    try:
+        try:
+            env = distributed.init_distributed(args.device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if threading.current_thread() is threading.main_thread():  # finish the step, save, exit
+
+            def on_signal(signum, _frame):
+                env.stop.signum = signum  # which signal: preempted() exits with 128 + signum
+                env.stop.set()
+            previous = {s: signal.signal(s, on_signal) for s in SIGNAL_NAMES}
+        status = train(args, env)
+    except (ConfigError, DataError, FloatingPointError) as e:
+        # options are the same on every rank: rank 0 alone reports them; a data or numeric error
+        # may be one rank's own (its shard, its GPU's memory), so that rank reports it
+        cli.fail(e, show=env is None or env.main or not isinstance(e, ConfigError),
+                 rank=None if env is None or env.world_size == 1 else env.rank)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        distributed.cleanup()
+    if status:
+        sys.exit(status)
+
+
+def preempted(env, where: str) -> int:
+    """The line and exit status of a run stopped by a signal after saving what it had."""
+    signum = getattr(env.stop, "signum", signal.SIGTERM)
+    if env.main:
+        print(f"{SIGNAL_NAMES[signum]}: stopped {where}; rerun the same command to resume "
+              f"(exit status {128 + signum})")
+    return 128 + signum
+
+
+def find_checkpoint(args) -> tuple[str, dict]:
+    """(path, checkpoint or None) to resume from. Refuses what would mix two runs in one folder:
+    --resume of another folder's checkpoint into a folder that holds files, and a log.txt
+    without a readable checkpoint.pth beside it (a crashed first epoch, or a damaged folder)."""
+    out = args.output_dir
+    own = os.path.join(out, "checkpoint.pth")
+    log = os.path.join(out, "log.txt")
+    if os.path.lexists(log) and not os.path.isfile(log):
+        raise ConfigError(f"{log} is not a file; remove it or choose another --output-dir")
+    if args.resume:
+        came_from = os.path.dirname(os.path.realpath(args.resume))
+        if came_from != os.path.realpath(out) and os.path.isdir(out) and os.listdir(out):
+            raise ConfigError(f"--resume {args.resume} would write into {out}, which holds another run's files; "
+                              f"resume into {came_from} or an empty --output-dir")
+        return args.resume, load_checkpoint(args.resume)
+    if os.path.lexists(own) and not os.path.isfile(own):
+        raise ConfigError(f"{own} is not a checkpoint file (a folder or a broken link); remove it or choose "
+                          f"another --output-dir")
+    if not os.path.lexists(own) and os.path.isfile(log):
+        raise ConfigError(f"{out} holds a log.txt but no checkpoint.pth (a run that ended before its first save); "
+                          f"remove {log} to start over, or choose another --output-dir")
+    return own, load_checkpoint(own) if os.path.isfile(own) else None
+
+
+class Run:
+    """One launch of train.py: its data, model, optimizer, where it resumes and where it writes.
+
+    Built by `setup`. model is the bare SNCLR, ddp_model the same wrapped for gradient averaging
+    (model itself in one process); epoch, start_it where training continues; end the epoch this
+    launch stops after; baseline the random-init kNN figure (measured by the first launch).
+    """
+
+    def __init__(self, args, env, loader, knn_sets, num_classes, model, optimizer, scaler, ckpt, start):
+        self.args, self.env, self.loader, self.knn_sets, self.num_classes = args, env, loader, knn_sets, num_classes
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.ddp_model = distributed.wrap_ddp(model, env.device) if env.world_size > 1 else model
+        self.epoch, self.start_it = start
+        self.end = min(args.epochs, args.stop_after_epoch or args.epochs)
+        self.baseline = ckpt.get("knn_random_init") if ckpt else None
+        self.labelled = num_classes > 1  # one class: no labels to compare neighbors with
+        self.stopper = distributed.StopAgreement(env.stop)
+        self.log_path = os.path.join(args.output_dir, "log.txt")
+        self.save_path = os.path.join(args.output_dir, "checkpoint.pth")
+        self.lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            distributed.barrier()  # every rank done before the process group goes
+        self.close()
+
+    def close(self) -> None:
+        """Release the loaders' workers and the folder's lock (every exit path comes here)."""
+        self.loader.close()
+        if self.lock is not None:
+            self.lock.release()
+
+    def open_output(self, changes: list[str]) -> None:
+        """Rank 0 creates the folder, takes its lock, writes args.json and logs accepted option
+        changes; every rank learns whether it could."""
+        failed = None
+        if self.env.main:
+            try:
+                prepare_output_dir(self.args.output_dir)
+                self.lock = RunLock(self.args.output_dir)
+                with open(os.path.join(self.args.output_dir, "args.json"), "w") as f:
+                    json.dump(vars(self.args), f, indent=2)
+                for change in changes:
+                    print(f"resumed with a changed option (--allow-changed-args): {change}")
+                if changes:  # logged with the first epoch they apply to
+                    append_json(self.log_path, {"epoch": self.epoch + 1, "changed_args": changes})
+            except ConfigError as e:
+                failed = e
+        if not distributed.all_ok(failed is None, self.env.device):
+            raise failed or ConfigError(f"rank 0 cannot use --output-dir {self.args.output_dir}")
+        if self.epoch >= self.end and self.env.main:
+            print(f"{self.save_path} is at epoch {self.epoch}: nothing to train (it stops after epoch {self.end}: "
+                  f"--epochs {self.args.epochs}, --stop-after-epoch {self.args.stop_after_epoch})")
+
+    def state(self, epoch: int, step: int = 0) -> dict:
+        """The checkpoint: (epoch, step) is where training continues."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "epoch": epoch, "step_in_epoch": step,
+                "knn_random_init": self.baseline, "args": vars(self.args), "world_size": self.env.world_size,
+                "runtime": runtime(self.args, self.env)}
+
+    def save(self, epoch: int, step: int = 0, log: dict = None) -> None:
+        """Rank 0 writes the checkpoint, then the epoch's log line (so both are on disk before the
+        monitor); every rank learns whether it could, so a full disk stops all of them (one line,
+        from rank 0). The log line is kept even when the save fails."""
+        error = None
+        if self.env.main:
+            try:
+                save_checkpoint(self.save_path, self.state(epoch, step))
+            except ConfigError as e:
+                error = e
+            if log:
+                append_json(self.log_path, log)
+        if not distributed.all_ok(error is None, self.env.device):
+            raise error or ConfigError("rank 0 could not save the checkpoint; see its error")
+
+    def monitor(self, tag: str):
+        """kNN top-1 of the online encoder f (eval mode; training mode is restored); None when a
+        signal interrupted it."""
+        a, env = self.args, self.env
+        acc = knn_accuracy(self.model.backbone, *self.knn_sets, self.num_classes, max(a.batch_size // env.world_size, 64),
+                           a.workers, env.device, env.rank, env.world_size, a.knn_k, a.knn_t, stop=env.stop)
+        if env.main and acc is not None:
+            print(f"kNN top-1 ({tag}): {acc:.2f}%")
+        return acc
+
+    def measure_baseline(self) -> bool:
+        """A new run measures its random-init kNN first; False when a signal interrupted it."""
+        if self.epoch or self.start_it:
+            return True
+        self.baseline = self.monitor("random init")
+        if self.baseline is not None and self.env.main:
+            append_json(self.log_path, {"epoch": 0, "knn_top1": self.baseline})
+        return self.baseline is not None
+
+    def end_epoch(self, epoch: int, it: int, log: dict, stopped: bool, skipped: int):
+        """After train_one_epoch: save, log, monitor. Returns the exit status when the run must
+        stop now (a signal), else None."""
+        env, args = self.env, self.args
+        self.start_it = 0
+        distributed.average_batchnorm_stats(self.model)  # CPU ranks: one set of statistics to eval and save
+        if stopped and it < self.loader.steps:
+            self.save(epoch, it)
+            return preempted(env, f"at epoch {epoch + 1}, iteration {it}; saved {self.save_path}")
+        log["skipped_images"] = int(distributed.all_reduce_sum(torch.tensor([skipped], device=env.device)).item())
+        self.save(epoch + 1, log=log)
+        due = epoch + 1 == args.epochs or (args.knn_every > 0 and (epoch + 1) % args.knn_every == 0)
+        if due and not stopped:
+            knn = self.monitor(f"epoch {epoch + 1}")
+            stopped = knn is None
+            if env.main:  # a second line for the same epoch: read_log merges them
+                append_json(self.log_path, {"epoch": epoch + 1, **({"knn_top1": knn} if knn is not None
+                                                                   else {"knn_interrupted": True})})
+            log.update({"knn_top1": knn} if knn is not None else {"knn_interrupted": True})
+        if env.main:
+            print(json.dumps(log))
+        if stopped:
+            return preempted(env, f"after epoch {epoch + 1}; saved {self.save_path}")
+        if epoch + 1 == args.epochs and self.baseline is not None and env.main:  # the run's closing figures
+            print(summary_line(self.baseline, log, args.epochs))
+        return None
+
+
+def setup(args, env, build_optimizer) -> Run:
+    """Everything a run needs, checked before anything is written: options, the checkpoint to
+    resume and the option changes it accepts, data, model, optimizer (train.py's
+    build_optimizer(model, args)); then the output folder."""
+    check_args(args, env)
+    ckpt_path, ckpt = find_checkpoint(args)
+    changes = check_resume(ckpt, ckpt_path, vars(args), {"world_size": env.world_size, **runtime(args, env)},
+                           args.allow_changed_args) if ckpt else []
+    check_output_dir(args.output_dir)  # before the data is read; created after everything is checked
+    prepare_dataset(args, env)
+    loader = build_train_loader(args, env, augment_path(args, env))
+    try:
+        knn_sets, num_classes = build_knn_sets(args)
+        model = build_run_model(args, env)
+        optimizer = build_optimizer(model, args)
+        scaler = torch.amp.GradScaler(env.device.type, enabled=env.device.type == "cuda" and args.amp == "fp16")
+        start = restore(ckpt, ckpt_path, model, optimizer, scaler) if ckpt else (0, 0)
+        if args.compile:  # in place: the state dict keeps its keys
+            model.backbone.compile()
+            model.momentum_backbone.compile()
+        run = Run(args, env, loader, knn_sets, num_classes, model, optimizer, scaler, ckpt, start)
+        run.open_output(changes)
+        return run
+    except BaseException:
+        loader.close()  # its workers would otherwise outlive the error
+        raise
+
+
+def build_run_model(args, env):
+    """The SNCLR model on the run's device, the same initial weights on every rank."""
+    torch.manual_seed(args.seed)
+    try:
+        model = build_model(vars(args)).to(env.device)
+    except ValueError as e:  # e.g. a ViT patch size that does not divide the image size
+        raise ConfigError(str(e)) from None
+    if env.world_size > 1 and env.device.type == "cuda":  # SyncBatchNorm is CUDA-only in PyTorch
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if env.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+        if args.arch in RESNETS:
+            model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def restore(ckpt: dict, path: str, model, optimizer, scaler) -> tuple[int, int]:
+    """Load a checkpoint into model, optimizer and scaler; return where training continues."""
+    load_state(model, ckpt["model"], f"checkpoint {path}")
+    load_state(optimizer, ckpt["optimizer"], f"the optimizer state of {path}")
+    if ckpt.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(ckpt["scaler"])
+    return ckpt["epoch"], ckpt.get("step_in_epoch", 0)
+
+
+def summary_line(baseline: float, log: dict, epochs: int) -> str:
+    """kNN before and after; with labels, how the last epoch's neighbors and w did."""
+    line = f"kNN top-1: random init {baseline:.2f}% -> after {epochs} epochs {log['knn_top1']:.2f}%"
+    if "nn_agree" in log:
+        fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731 (undefined: e.g. w = 0 throughout)
+        line += (f"; last epoch: {100 * log['nn_agree']:.1f}% of neighbours share the class, mean w "
+                 f"{fmt(log['w_same'])} same / {fmt(log['w_other'])} other class, w AUROC {fmt(log['w_auroc'])}")
+    return line
