@@ -61,15 +61,11 @@ class MemoryQueue(nn.Module):
         The rows written are (ptr + 0 .. n-1) mod size, so a batch that runs past the end of the
         buffer wraps to its start; n need not divide `size`. labels=None stores -1 (unknown).
         """
-        if keys.dim() != 2 or keys.shape[1] != self.dim:
-            raise ValueError(f"enqueue expects keys of shape (n, {self.dim}), got {tuple(keys.shape)}")
+        self._check_enqueue(keys, labels)
         n = keys.shape[0]
-        if n > self.size:
-            raise ValueError(f"cannot enqueue {n} keys into a queue of size {self.size}; "
-                             f"use a queue at least as large as the global batch")
-        if labels is not None and tuple(labels.shape) != (n,):
-            raise ValueError(f"enqueue expects labels of shape ({n},), got {tuple(labels.shape)}")
+        # the rows after the newest entry, wrapping: (ptr + 0 .. n-1) mod size
         rows = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.size    # (n,)
+        # C[rows] <- k / ||k||: the oldest entries are overwritten (FIFO)
         self.features[rows] = F.normalize(keys.detach().to(self.features.dtype), dim=1)  # (n, dim)
         self.labels[rows] = -1 if labels is None else labels.to(self.labels)        # (n,)
         self.ptr.copy_((self.ptr + n) % self.size)
@@ -79,17 +75,14 @@ class MemoryQueue(nn.Module):
     @torch.no_grad()
     def nearest_indices(self, query: torch.Tensor, k: int) -> torch.Tensor:
         """Rows of the k entries with the largest cosine to each query: (B, dim) -> (B, k)."""
-        if query.dim() != 2 or query.shape[1] != self.dim:
-            raise ValueError(f"query must have shape (B, {self.dim}), got {tuple(query.shape)}")
-        filled = self._filled
-        if not 0 <= k <= filled:
-            raise ValueError(f"asked for k={k} neighbours but the queue holds {filled} entries "
-                             f"(size {self.size}); k must be in [0, {filled}]")
+        self._check_search(query, k)
         if k == 0:  # K = 0 (InfoNCE) or a queue still too short: nothing to search
             return torch.empty(query.shape[0], 0, dtype=torch.long, device=query.device)
-        q = F.normalize(query.detach().to(self.features.dtype), dim=1)  # (B, dim)
-        sim = q @ self.features[:filled].T                 # (B, filled) cosines: entries are unit
-        return sim.topk(k, dim=1).indices                  # (B, k), most similar first
+        q = F.normalize(query.detach().to(self.features.dtype), dim=1)  # ^q  (B, dim)
+        # cos(q, c) for every filled entry c of C (entries are unit vectors)
+        sim = q @ self.features[:self._filled].T                         # (B, filled)
+        # NN(q) = the k entries with the largest cosine, most similar first
+        return sim.topk(k, dim=1).indices                                # (B, k)
 
     @torch.no_grad()
     def nearest_neighbors(self, query: torch.Tensor, k: int) -> torch.Tensor:
@@ -99,3 +92,20 @@ class MemoryQueue(nn.Module):
         slots are searched; k larger than the number of filled slots is an error.
         """
         return self.features[self.nearest_indices(query, k)]  # (B, k, dim)
+
+    def _check_enqueue(self, keys: torch.Tensor, labels) -> None:
+        if keys.dim() != 2 or keys.shape[1] != self.dim:
+            raise ValueError(f"enqueue expects keys of shape (n, {self.dim}), got {tuple(keys.shape)}")
+        n = keys.shape[0]
+        if n > self.size:
+            raise ValueError(f"cannot enqueue {n} keys into a queue of size {self.size}; "
+                             f"use a queue at least as large as the global batch")
+        if labels is not None and tuple(labels.shape) != (n,):
+            raise ValueError(f"enqueue expects labels of shape ({n},), got {tuple(labels.shape)}")
+
+    def _check_search(self, query: torch.Tensor, k: int) -> None:
+        if query.dim() != 2 or query.shape[1] != self.dim:
+            raise ValueError(f"query must have shape (B, {self.dim}), got {tuple(query.shape)}")
+        if not 0 <= k <= self._filled:
+            raise ValueError(f"asked for k={k} neighbours but the queue holds {self._filled} entries "
+                             f"(size {self.size}); k must be in [0, {self._filled}]")

@@ -26,7 +26,8 @@ import torch.nn as nn
 import torchvision
 from torchvision.models.vision_transformer import VisionTransformer
 
-from loss import FORMS, compute_dtype, snclr_loss
+from loss import FORMS, snclr_loss
+from precision import compute_dtype
 from memory_queue import MemoryQueue
 from positiveness import Positiveness
 
@@ -188,7 +189,7 @@ class SNCLR(nn.Module):
     @torch.no_grad()
     def momentum_keys(self, x: torch.Tensor) -> torch.Tensor:
         """k = g'(f'(x)): images (B, 3, H, W) -> keys (B, dim), no gradient."""
-        return self.momentum_projector(self.momentum_backbone(x))
+        return self.momentum_projector(self.momentum_backbone(x))  # k = g'(f'(x)), no predictor
 
     @torch.no_grad()
     def momentum_update(self, m: float) -> None:
@@ -197,6 +198,7 @@ class SNCLR(nn.Module):
         Written as theta' + (1 - m) (theta - theta') (one fused lerp over all tensors): the same
         formula, and a frozen tensor (theta = theta') stays bit-identical.
         """
+        # theta' <- theta' + (1 - m) (theta - theta')
         torch._foreach_lerp_(self.momentum_parameters(), self.online_parameters(), 1.0 - m)
 
     def neighbors_ready(self) -> int:
@@ -213,19 +215,20 @@ class SNCLR(nn.Module):
         the gradient scale independent of tau.
         """
         B = x1.shape[0]
-        own = slice(rank * B, (rank + 1) * B)                  # this rank's rows of the gathers
-        y1 = self.projector(self.backbone(x1))                 # (B, dim) online projections
-        y2 = self.projector(self.backbone(x2))                 # (B, dim)
-        z1, z2 = self.predictor(y1), self.predictor(y2)        # (B, dim) queries
+        local = slice(rank * B, (rank + 1) * B)                # this rank's rows of the gathers
+        # y = g(f(x)), z = h(y)
+        y1, y2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))  # (B, D)
+        z1, z2 = self.predictor(y1), self.predictor(y2)                                # (B, D)
         # Eq. 4 and Eq. 2 in at least fp32 even under mixed precision: bf16 cosines are off by ~1 %.
         with torch.autocast(x1.device.type, enabled=False):
             dtype = compute_dtype(y1, keys1)
             y1, y2, z1, z2 = y1.to(dtype), y2.to(dtype), z1.to(dtype), z2.to(dtype)
-            w1 = self.positiveness(y1, neighbors2[own].to(dtype))  # (B, K) Eq. 4, view 1 vs NN(k2)
-            w2 = self.positiveness(y2, neighbors1[own].to(dtype))  # (B, K) Eq. 4, view 2 vs NN(k1)
-            loss = 2 * self.tau * (
-                snclr_loss(z1, keys2, neighbors2, w1, self.tau, rank, self.loss_form)
-                + snclr_loss(z2, keys1, neighbors1, w2, self.tau, rank, self.loss_form))
+            # w1_bi = softmax_i(y1_b . NN(k2_b)_i), w2 likewise with y2 and NN(k1)      Eq. 4
+            w1 = self.positiveness(y1, neighbors2[local].to(dtype))    # (B, K)
+            w2 = self.positiveness(y2, neighbors1[local].to(dtype))    # (B, K)
+            # loss = 2 tau ( L(z1; k2, NN(k2), w1) + L(z2; k1, NN(k1), w2) )             Eq. 2
+            loss = 2 * self.tau * (snclr_loss(z1, keys2, neighbors2, w1, self.tau, rank, self.loss_form)
+                                   + snclr_loss(z2, keys1, neighbors1, w2, self.tau, rank, self.loss_form))
         return loss, torch.cat([w1, w2]).detach()              # (), (2B, K)
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from loss import compute_dtype
+from precision import compute_dtype
 
 MODES = ("cosine", "attention", "hard", "none")
 
@@ -40,9 +40,10 @@ def cosine_positiveness(y: torch.Tensor, neighbors: torch.Tensor, t: float = 1.0
     t = 1 is the released code (no temperature). Computes in at least float32.
     """
     dtype = compute_dtype(y, neighbors)
-    y = F.normalize(y.to(dtype), dim=-1)                        # (B, D)
-    n = F.normalize(neighbors.to(dtype), dim=-1)                # (B, K, D)
-    logits = torch.einsum("bd,bkd->bk", y, n) / t               # (B, K) cosines / t
+    y = F.normalize(y.to(dtype), dim=-1)                        # ^y_b        (B, D)
+    n = F.normalize(neighbors.to(dtype), dim=-1)                # ^NN(k)_bi   (B, K, D)
+    # w_bi = softmax_i( ^y_b . ^NN(k)_bi / t )
+    logits = torch.einsum("bd,bkd->bk", y, n) / t               # (B, K)
     return logits.softmax(dim=1)                                # (B, K)
 
 
@@ -56,8 +57,9 @@ def attention_positiveness(y: torch.Tensor, neighbors: torch.Tensor, f1: torch.T
     cosine rule.
     """
     dtype = compute_dtype(y, neighbors, f1)
-    q = F.linear(F.normalize(y.to(dtype), dim=-1), f1.to(dtype))          # (B, D) query of this view
-    k = F.linear(F.normalize(neighbors.to(dtype), dim=-1), f2.to(dtype))  # (B, K, D) neighbour keys
+    q = F.linear(F.normalize(y.to(dtype), dim=-1), f1.to(dtype))          # f1(^y_b)      (B, D)
+    k = F.linear(F.normalize(neighbors.to(dtype), dim=-1), f2.to(dtype))  # f2(^NN_bi)    (B, K, D)
+    # w_bi = softmax_i( gamma * f1(^y_b) . f2(^NN_bi) )
     logits = gamma * torch.einsum("bd,bkd->bk", q, k)           # (B, K)
     return logits.softmax(dim=1)                                # (B, K)
 
@@ -98,10 +100,7 @@ class Positiveness(nn.Module):
 
     def forward(self, y: torch.Tensor, neighbors: torch.Tensor) -> torch.Tensor:
         """Eq. 4: y (B, D) online projector outputs, neighbors (B, K, D) -> w (B, K)."""
-        if y.dim() != 2 or neighbors.dim() != 3 or neighbors.shape[0] != y.shape[0] \
-                or neighbors.shape[2] != y.shape[1] or y.shape[1] != self.dim:
-            raise ValueError(f"positiveness expects y (B, D) and neighbors (B, K, D) with D = dim = "
-                             f"{self.dim}, got {tuple(y.shape)} and {tuple(neighbors.shape)}")
+        self._check(y, neighbors)
         B, K = neighbors.shape[:2]
         if self.mode == "cosine":
             w = cosine_positiveness(y, neighbors, self.temperature)
@@ -111,6 +110,12 @@ class Positiveness(nn.Module):
             w = y.new_ones(B, K, dtype=compute_dtype(y))
         else:  # "none"
             w = y.new_zeros(B, K, dtype=compute_dtype(y))
-        if self.threshold and K > 0:
+        if self.threshold and K > 0:  # released option: w_bi = 0 where w_bi < 1/K (kept at = 1/K)
             w = torch.where(w >= 1.0 / K, w, torch.zeros_like(w))
         return w                                                 # (B, K)
+
+    def _check(self, y: torch.Tensor, neighbors: torch.Tensor) -> None:
+        if y.dim() != 2 or neighbors.dim() != 3 or neighbors.shape[0] != y.shape[0] \
+                or neighbors.shape[2] != y.shape[1] or y.shape[1] != self.dim:
+            raise ValueError(f"positiveness expects y (B, D) and neighbors (B, K, D) with D = dim = "
+                             f"{self.dim}, got {tuple(y.shape)} and {tuple(neighbors.shape)}")

@@ -1,0 +1,110 @@
+"""Shared test helpers and fixtures: tiny model sizes, the smoke run every CLI test reuses,
+subprocess and one-line-error helpers."""
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import SNCLR
+
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+TINY = dict(image_size=16, dim=16, mlp_dim=32)  # small enough for a 2-core CPU
+
+
+def unit(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SMOKE = ["--dataset", "fake", "--arch", "resnet18", "--image-size", "16", "--fake-size", "64",
+         "--batch-size", "16", "--queue-size", "32", "-K", "2", "--dim", "16", "--mlp-dim", "32",
+         "--workers", "0", "--optimizer", "sgd", "--lr", "0.1", "--warmup-epochs", "0", "--device", "cpu"]
+
+
+def run_cli(script, *args):
+    return subprocess.run([sys.executable, str(HERE / script), *args], capture_output=True, text=True,
+                          cwd=HERE, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    res = run_cli("train.py", *SMOKE, "--epochs", "2", "--output-dir", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    (out / "stdout.txt").write_text(res.stdout)
+    return out
+
+
+def copy_run(src, dst):
+    import shutil
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
+    return dst
+
+
+def jpeg_folder(root, per_class=4, size=20):
+    from PIL import Image
+    g = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(g.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / split / c / f"{i}.jpg")
+    return root
+
+
+def fake_checkpoint(path, arch, image_size, stem):
+    m = SNCLR(arch, image_size, dim=16, mlp_dim=32, num_neighbors=0, queue_size=8, stem=stem)
+    args = dict(arch=arch, image_size=image_size, stem=stem, dataset="fake", data_path="data")
+    torch.save({"model": m.state_dict(), "optimizer": {}, "epoch": 1, "args": args}, path)
+    return str(path)
+
+
+def fails_in_process(capsys, main, argv, status=None) -> str:
+    """Run main(argv) in this process; it must exit non-zero (or with `status`) after one
+    `error: ...` line on stderr. Returns that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code != 0 and (status is None or exit_.value.code == status), (argv, exit_.value.code)
+    assert err.startswith("error: ") and err.strip().count("\n") == 0, (argv, err)
+    return err
+
+
+def _knn_sets():
+    """Train / test TensorDatasets with 37 / 23 items (odd: one shard of each is padded), 5
+    classes as noisy centres, so neighbours carry information."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 48, generator=g)
+    def make(n):
+        y = torch.randint(0, 5, (n,), generator=g)
+        x = centres[y] + 2 * torch.randn(n, 48, generator=g)
+        return torch.utils.data.TensorDataset(x.view(n, 3, 4, 4), y)
+    return make(37), make(23)
+
+
+class _CountingFlatten(torch.nn.Flatten):
+    """Flatten (deterministic features) that counts its calls and may set an event at call n."""
+    def __init__(self, event=None, set_at=None):
+        super().__init__()
+        self.calls, self.event, self.set_at = 0, event, set_at
+
+    def forward(self, x):
+        self.calls += 1
+        if self.event is not None and self.calls == self.set_at:
+            self.event.set()
+        return super().forward(x)
