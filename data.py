@@ -261,9 +261,10 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def ignore_sigterm(_worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM: torchrun signals the whole process group, and a dead
-    worker would crash the main process before it can save."""
+    """DataLoader workers ignore SIGTERM and Ctrl-C (SIGINT): torchrun and a terminal signal the
+    whole process group, and a dead worker would crash the main process before it can save."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def fixed_subset(dataset, size: int, seed: int = 0, what: str = "--subset"):

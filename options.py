@@ -78,7 +78,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--dataset", default="imagenet", choices=DATASETS, help="imagenet and folder read DATA_PATH/train "
       "and DATA_PATH/val; cifar downloads when a network exists; fake needs no data")
     a("--data-path", default=None, help=f"dataset root (stored absolute); default ./data, or "
-      f"{FASHION_MNIST_DEB} for fashion-mnist (Debian package dataset-fashion-mnist)")
+      f"{FASHION_MNIST_DEB} for fashion-mnist when Debian's dataset-fashion-mnist is installed")
     a("--image-size", type=positive_int, default=None, help="default: 224 ImageNet/folder, 32 CIFAR/fake, "
       "28 Fashion-MNIST; <= 64 selects the small-image stems")
     a("--crop-min", type=positive_float, default=None, help="smallest RandomResizedCrop area; default 0.2 "
@@ -119,7 +119,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     for key, value in RECIPES["vit" if args.arch in VITS else "resnet"].items():
         if out[key] is None:
             out[key] = value
-    data_path = args.data_path or (FASHION_MNIST_DEB if args.dataset == "fashion-mnist" else "data")
+    debian = args.dataset == "fashion-mnist" and os.path.isdir(FASHION_MNIST_DEB)  # else downloaded to ./data
+    data_path = args.data_path or (FASHION_MNIST_DEB if debian else "data")
     out["data_path"] = os.path.abspath(data_path)  # so evaluation finds it from any folder
     if out["image_size"] is None:
         out["image_size"] = IMAGE_SIZE[args.dataset]

@@ -156,7 +156,7 @@ class Run:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": epoch, "step_in_epoch": step,
                 "knn_random_init": self.baseline, "args": vars(self.args), "world_size": self.env.world_size,
-                "runtime": runtime(self.args, self.env)}
+                "runtime": runtime(self.args, self.env), "train_images": len(self.loader.sampler.base.dataset)}
 
     def save(self, epoch: int, step: int = 0, log: dict = None) -> None:
         """Rank 0 writes the checkpoint, then the epoch's log line (so both are on disk before the
@@ -232,6 +232,7 @@ def setup(args, env, build_optimizer) -> Run:
     prepare_dataset(args, env)
     loader = build_train_loader(args, env, augment_path(args, env))
     try:
+        check_same_data(ckpt, ckpt_path, loader, args)
         knn_sets, num_classes = build_knn_sets(args)
         model = build_run_model(args, env)
         optimizer = build_optimizer(model, args)
@@ -246,6 +247,16 @@ def setup(args, env, build_optimizer) -> Run:
     except BaseException:
         loader.close()  # its workers would otherwise outlive the error
         raise
+
+
+def check_same_data(ckpt, path: str, loader, args) -> None:
+    """A resume inside an epoch continues that epoch's sample order: it needs the same number
+    of training images (a data set of another size would skip the wrong ones)."""
+    images = len(loader.sampler.base.dataset)
+    if ckpt and ckpt.get("step_in_epoch", 0) and ckpt.get("train_images", images) != images:
+        raise ConfigError(f"{path} stopped inside epoch {ckpt['epoch'] + 1} of a data set of {ckpt['train_images']} "
+                          f"training images; --data-path {args.data_path} holds {images}: a mid-epoch resume needs "
+                          f"the same data set")
 
 
 def build_run_model(args, env):

@@ -1,6 +1,7 @@
 """train.py as a user runs it: command-line runs, resume, signals, data paths and faults.
 Slower than test_snclr.py (real processes, whole epochs on tiny models); `pytest` runs them all."""
 import json
+import signal
 import math
 import os
 import pathlib
@@ -16,7 +17,7 @@ import options
 import run_control
 from checkpoint import ConfigError, read_log
 from model import SNCLR
-from conftest import HERE, TINY, SMOKE, run_cli, copy_run, jpeg_folder, _CountingFlatten, _knn_sets
+from conftest import HERE, SMOKE, TINY, _CountingFlatten, _knn_sets, copy_run, fails_in_process, jpeg_folder, run_cli
 
 
 # -------------------------------------------------------------------- model ---
@@ -77,20 +78,25 @@ def test_resume_equals_straight_run(tmp_path):
         assert torch.equal(a["model"][key], b["model"][key]), key
 
 
-def test_sigterm_saves_mid_epoch_and_resumes(tmp_path):
-    import signal
+@pytest.mark.parametrize("signum, status, said", [(signal.SIGTERM, 143, "SIGTERM: stopped"),
+                                                  (signal.SIGINT, 130, "Ctrl-C (SIGINT): stopped")])
+def test_a_signal_saves_mid_epoch_and_resumes(tmp_path, signum, status, said):
+    """SIGTERM (cluster pre-emption) and Ctrl-C, sent to the whole process group as a terminal or
+    torchrun does (DataLoader workers included): the step finishes, the checkpoint is saved, one
+    line is printed, no traceback, and a rerun resumes."""
     import time
     out = tmp_path / "run"
     cmd = [sys.executable, str(HERE / "train.py"), *SMOKE, "--fake-size", "256", "--epochs", "20",
            "--knn-every", "0", "--workers", "1", "--print-freq", "1", "--output-dir", str(out)]
-    proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     deadline = time.time() + 300
     while not (out / "log.txt").exists() and time.time() < deadline:  # random-init kNN done
         time.sleep(0.2)
     time.sleep(1.5)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signum)
     stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 143 and "SIGTERM: stopped" in stdout, stderr[-3000:]
+    assert proc.returncode == status and said in stdout and "Traceback" not in stderr, stderr[-3000:]
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     steps_done = 16 * ckpt["epoch"] + ckpt["step_in_epoch"]   # 16 steps per epoch
     assert 0 < steps_done < 16 * 20 and int(ckpt["model"]["queue.filled"]) == min(16 * steps_done, 32)
@@ -124,6 +130,8 @@ BAD_TRAIN_INPUT = [
     (["--learn-gamma"], "--learn-gamma applies to --positiveness attention, not cosine"),
     (["--augment-device", "cuda"], "--augment-device cuda must be the training device (cpu); use "
                                    "--augment-device cpu or workers"),
+    (["--batch-size", "1"], "--batch-size 1 gives 1 image per rank; batch norm needs at least 2"),
+    (["--warmup-epochs", "5", "--epochs", "2"], "--warmup-epochs 5 is longer than --epochs 2"),
     (["--dataset", "imagenet", "--data-path", "/nonexistent"], "/nonexistent/train"),
     (["--dataset", "fashion-mnist", "--data-path", "/nonexistent"], "dataset-fashion-mnist"),
 ]
@@ -522,3 +530,89 @@ def test_knn_stop_returns_none_before_encoding_everything():
     stop.clear()
     assert 0 <= knn_accuracy(net, train_set, test_set, 5, 4, 0, torch.device("cpu"), stop=stop) <= 100
     assert net.calls == 10 + 6                              # 37 / 4 and 23 / 4 batches
+
+
+# ---------------------------------------------------------------------- walkthrough.py ---
+def test_walkthrough_runs_and_checks_every_quantity(capsys):
+    """walkthrough.py asserts each quantity against its loop as it goes; run it in-process."""
+    import runpy
+    runpy.run_path(str(HERE / "walkthrough.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    for quantity in ("NN(k2[0])", "w1[0]", "p_0(own, 0)", "Eq. 2 (code form)", "Eq. 2 (paper form)",
+                     "Eq. 1 (InfoNCE)", "symmetric loss", "queue holds 32 keys"):
+        assert quantity in out, quantity
+
+
+# ------------------------------------------------------------- run folders: nothing mixed ---
+def folder_state(root) -> dict:
+    """Every path under root with its bytes (folders and links named as such)."""
+    root = pathlib.Path(root)
+    return {str(p.relative_to(root)): ("link" if p.is_symlink() else "dir" if p.is_dir() else p.read_bytes())
+            for p in sorted(root.rglob("*"))}
+
+
+def test_resume_into_a_folder_holding_another_run_is_refused(smoke_run, tmp_path, capsys):
+    import train
+    copy_run(smoke_run, tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "log.txt").write_text('{"epoch": 0, "knn_top1": 1.0}\n')
+    before = folder_state(tmp_path)
+    err = fails_in_process(capsys, train.main, SMOKE + ["--epochs", "3", "--resume", str(tmp_path / "a" / "checkpoint.pth"),
+                                                        "--output-dir", str(tmp_path / "b")], status=1)
+    assert "would write into" in err and "holds another run's files" in err
+    assert folder_state(tmp_path) == before
+
+
+@pytest.mark.parametrize("damage", ["no checkpoint", "checkpoint is a folder", "dangling link", "log is a folder"])
+def test_a_folder_that_would_mix_two_runs_is_refused(tmp_path, capsys, damage):
+    """A log.txt without a readable checkpoint.pth beside it would be appended to by a fresh run."""
+    import train
+    out = tmp_path / "run"
+    out.mkdir()
+    if damage == "log is a folder":
+        (out / "log.txt").mkdir()
+    else:
+        (out / "log.txt").write_text('{"epoch": 0, "knn_top1": 1.0}\n')
+    if damage == "checkpoint is a folder":
+        (out / "checkpoint.pth").mkdir()
+    elif damage == "dangling link":
+        (out / "checkpoint.pth").symlink_to(tmp_path / "gone.pth")
+    before = folder_state(tmp_path)
+    err = fails_in_process(capsys, train.main, SMOKE + ["--epochs", "1", "--output-dir", str(out)], status=1)
+    expected = {"no checkpoint": "holds a log.txt but no checkpoint.pth", "log is a folder": "log.txt is not a file",
+                "checkpoint is a folder": "is not a checkpoint file", "dangling link": "is not a checkpoint file"}
+    assert expected[damage] in err and folder_state(tmp_path) == before
+
+
+def test_mid_epoch_resume_on_a_data_set_of_another_size_is_refused(smoke_run, tmp_path, capsys):
+    import train
+    run = copy_run(smoke_run, tmp_path / "run")
+    ckpt = torch.load(run / "checkpoint.pth", weights_only=True)
+    assert ckpt["train_images"] == 64
+    ckpt.update(epoch=1, step_in_epoch=2)                 # as if stopped inside epoch 2
+    torch.save(ckpt, run / "checkpoint.pth")
+    before = folder_state(tmp_path)
+    err = fails_in_process(capsys, train.main, SMOKE + ["--epochs", "2", "--fake-size", "80", "--allow-changed-args",
+                                                        "--output-dir", str(run)], status=1)
+    assert "stopped inside epoch 2 of a data set of 64 training images" in err and "holds 80" in err
+    assert folder_state(tmp_path) == before
+
+
+def test_the_epochs_log_line_is_on_disk_with_its_checkpoint_before_the_monitor(tmp_path, monkeypatch):
+    """A process killed during the kNN monitor keeps the finished epoch's line (loss, speed,
+    neighbor figures); the monitor's figure follows in a line of its own."""
+    import train
+    from knn import knn_accuracy
+    seen = []
+
+    def monitor(*args, **kwargs):
+        if (tmp_path / "checkpoint.pth").exists():        # not the random-init monitor
+            seen.append((read_log(tmp_path / "log.txt")[-1],
+                         torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"]))
+        return knn_accuracy(*args, **kwargs)
+
+    monkeypatch.setattr(run_control, "knn_accuracy", monitor)
+    train.main(SMOKE + ["--epochs", "1", "--output-dir", str(tmp_path)])
+    (line, epoch), = seen
+    assert epoch == 1 and line["epoch"] == 1 and "loss" in line and "knn_top1" not in line
+    assert "knn_top1" in read_log(tmp_path / "log.txt")[-1]
