@@ -1,0 +1,163 @@
+"""Tests of the GPU path, runnable on the CPU where they can be: batch norm over the global batch
+(two gloo processes against nn.BatchNorm on the concatenated batch), LARS on all parameters at
+once against its per-parameter formula, the loader's device-side pieces, the /dev/shm check;
+and, only where CUDA is present, the training step under torch.cuda.set_sync_debug_mode("error").
+`pytest test_gpu_path.py`."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from batch_norm import GlobalBatchNorm, convert_to_global_batch_norm
+
+BN_TOL = 1e-6     # the issue's bound for float64: every difference here is ~1e-15 rounding
+LARS_TOL = 1e-12  # float64: the foreach LARS and the loop differ by rounding only
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_gloo(rank: int, world: int, port: int) -> None:
+    """This spawned process joins a gloo group of `world` processes on localhost."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo")
+
+
+# --------------------------------------------------------------- batch norm, 2 processes ---
+# (name, layer class, global input shape, layer options): 2-d and 1-d, affine or not, EMA or
+# cumulative average. The global batch of 8 is split 4 + 4 over the two ranks.
+BN_CASES = [("2d", nn.BatchNorm2d, (8, 3, 5, 4), dict(momentum=0.3)),
+            ("1d", nn.BatchNorm1d, (8, 6), dict()),
+            ("1d-seq", nn.BatchNorm1d, (8, 5, 7), dict(momentum=None)),
+            ("1d-noaffine", nn.BatchNorm1d, (8, 6), dict(affine=False))]
+BN_STEPS = 3
+
+
+def bn_case(shape, cls, options):
+    """A float64 layer with non-trivial weight and bias, the inputs of BN_STEPS steps and the
+    fixed random weights r of each step's loss sum(r * y)."""
+    g = torch.Generator().manual_seed(7)
+    layer = cls(shape[1], **options).double()
+    if layer.affine:
+        with torch.no_grad():
+            layer.weight.copy_(torch.rand(shape[1], generator=g, dtype=torch.float64) + 0.5)
+            layer.bias.copy_(torch.randn(shape[1], generator=g, dtype=torch.float64))
+    xs = [3 * torch.randn(shape, generator=g, dtype=torch.float64) + 1 for _ in range(BN_STEPS)]
+    rs = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(BN_STEPS)]
+    return layer, xs, rs
+
+
+def run_bn(layer, xs, rs, part=slice(None)):
+    """BN_STEPS training steps of layer on the `part` rows; then one eval forward. Returns the
+    outputs, input gradients, summed weight / bias gradients, and the final state."""
+    outs, grads = [], []
+    for x, r in zip(xs, rs):
+        x = x[part].clone().requires_grad_()
+        y = layer(x)
+        (r[part] * y).sum().backward()
+        outs.append(y.detach())
+        grads.append(x.grad)
+    layer.eval()
+    evaluated = layer(xs[0][part])
+    layer.train()
+    params = {k: p.grad.clone() for k, p in layer.named_parameters()}
+    return dict(outs=outs, grads=grads, params=params, eval=evaluated.detach(),
+                state={k: v.clone() for k, v in layer.state_dict().items()})
+
+
+def _bn_worker(rank, port, out_dir):
+    join_gloo(rank, 2, port)
+    results = {}
+    for name, cls, shape, options in BN_CASES:
+        layer, xs, rs = bn_case(shape, cls, options)
+        layer = convert_to_global_batch_norm(layer)
+        assert type(layer) is GlobalBatchNorm
+        got = run_bn(layer, xs, rs, slice(4 * rank, 4 * rank + 4))
+        for k, grad in got["params"].items():  # each rank holds its own loss's share: sum them
+            torch.distributed.all_reduce(grad)
+        results[name] = got
+    torch.save(results, os.path.join(out_dir, f"bn{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_global_batch_norm_on_two_gloo_ranks_equals_batch_norm_on_the_whole_batch(tmp_path):
+    """Outputs, input gradients, weight and bias gradients, running mean and var (and the
+    number of batches) of GlobalBatchNorm on 2 ranks x 4 images = nn.BatchNorm on the 8, in
+    float64, after 3 training steps; and the eval forward with the running statistics."""
+    mp.spawn(_bn_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"bn{r}.pt", weights_only=True) for r in range(2)]
+    for name, cls, shape, options in BN_CASES:
+        ref = run_bn(*bn_case(shape, cls, options))
+        for rank, got in enumerate(r[name] for r in ranks):
+            mine = slice(4 * rank, 4 * rank + 4)
+            for step in range(BN_STEPS):
+                assert torch.allclose(got["outs"][step], ref["outs"][step][mine], rtol=0, atol=BN_TOL), (name, step)
+                assert torch.allclose(got["grads"][step], ref["grads"][step][mine], rtol=0, atol=BN_TOL), (name, step)
+            assert torch.allclose(got["eval"], ref["eval"][mine], rtol=0, atol=BN_TOL), name
+            assert got["params"].keys() == ref["params"].keys()
+            for k in ref["params"]:
+                assert torch.allclose(got["params"][k], ref["params"][k], rtol=0, atol=BN_TOL), (name, k)
+            assert got["state"].keys() == ref["state"].keys()
+            for k in ref["state"]:
+                assert torch.allclose(got["state"][k].double(), ref["state"][k].double(), rtol=0, atol=BN_TOL), \
+                    (name, k)
+
+
+def _bn_compile_worker(rank, port, out_dir):
+    join_gloo(rank, 2, port)
+    torch._dynamo.config.cache_size_limit = 8
+    layer = GlobalBatchNorm(3).double()
+    step = torch.compile(lambda x: (layer(x) * torch.arange(3.0, dtype=x.dtype)[:, None]).sum(),
+                         fullgraph=True, backend="aot_eager")  # fullgraph: a graph break raises
+    x = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(rank), dtype=torch.float64,
+                    requires_grad=True)
+    step(x).backward()
+    eager = GlobalBatchNorm(3).double()
+    x2 = x.detach().clone().requires_grad_()
+    (eager(x2) * torch.arange(3.0, dtype=x.dtype)[:, None]).sum().backward()
+    torch.save({"compiled": x.grad, "eager": x2.grad, "running": (layer.running_mean, eager.running_mean)},
+               os.path.join(out_dir, f"c{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_global_batch_norm_compiles_into_one_graph_on_two_ranks(tmp_path):
+    """torch.compile(fullgraph=True) traces the layer with its all-reduce, forward and backward,
+    without a graph break, and gives the eager layer's gradients and running statistics."""
+    mp.spawn(_bn_compile_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    for r in range(2):
+        got = torch.load(tmp_path / f"c{r}.pt", weights_only=True)
+        assert torch.allclose(got["compiled"], got["eager"], atol=1e-12)
+        assert torch.allclose(*got["running"], atol=1e-12)
+
+
+def test_conversion_keeps_the_state_dict_and_one_process_is_plain_batch_norm():
+    """convert_to_global_batch_norm replaces every BatchNorm of a ResNet and an MLP (1-d, with
+    and without affine) keeping keys and values; without a process group, the converted model
+    computes what the original does, in training and in eval mode."""
+    from model import SNCLR
+    torch.manual_seed(0)
+    model = SNCLR("resnet18", 16, dim=8, mlp_dim=16, num_neighbors=0, queue_size=16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bns = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    import copy
+    original = copy.deepcopy(model)
+    converted = convert_to_global_batch_norm(model)
+    assert sum(type(m) is GlobalBatchNorm for m in converted.modules()) == bns > 20
+    assert not any(type(m) in (nn.BatchNorm1d, nn.BatchNorm2d) for m in converted.modules())
+    after = converted.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    x = torch.randn(4, 3, 16, 16)
+    for mode in (True, False):
+        original.train(mode), converted.train(mode)
+        a, b = original.backbone(x), converted.backbone(x)
+        assert torch.equal(a, b), mode
+    with pytest.raises(ValueError, match="expects input \\(n, C, \\*\\) of at least 2 dimensions, got shape \\(3,\\)"):
+        GlobalBatchNorm(3)(torch.zeros(3))
