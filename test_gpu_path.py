@@ -224,3 +224,61 @@ def test_foreach_lars_with_a_zero_update_keeps_the_parameter():
     p.grad = torch.zeros_like(p)
     opt.step()
     assert torch.equal(p.detach(), torch.ones(3, 2, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------- loaders, /dev/shm ---
+class FakeStatvfs:
+    def __init__(self, free_bytes):
+        self.f_bavail, self.f_frsize = free_bytes // 4096, 4096
+
+
+def test_prefetch_is_sized_from_dev_shm_and_too_little_is_one_error_line(monkeypatch):
+    """shm_prefetch: 2 batches per worker where half of /dev/shm holds them for every local
+    rank, 1 where only one fits, and a DataError naming /dev/shm, --shm-size and --ipc=host
+    where not even one does (a container's default 64 MB against ImageNet's 154 MB batches)."""
+    from data import DataError
+    from loaders import shm_prefetch, worker_batch_bytes
+    imagenet = worker_batch_bytes(512, 224, batched=True)
+    assert imagenet == 512 * (2 * 3 * 224 * 224 + 8)                      # 154 MB: the issue's figure
+    monkeypatch.setattr(os, "statvfs", lambda path: FakeStatvfs(64 * 2**30))
+    assert shm_prefetch(imagenet, 12, 8) == 2                             # 8 x 12 x 2 x 154 MB = 30 GB
+    monkeypatch.setattr(os, "statvfs", lambda path: FakeStatvfs(40 * 2**30))
+    assert shm_prefetch(imagenet, 12, 8) == 1                             # half of 40 GiB: one per worker
+    assert shm_prefetch(2**20, 4, 1) == 2                                 # plenty: torch's default
+    monkeypatch.setattr(os, "statvfs", lambda path: FakeStatvfs(3 * 2**30))
+    assert shm_prefetch(100 * 2**20, 10, 1) == 1                          # 1 GiB in flight of 1.5
+    monkeypatch.setattr(os, "statvfs", lambda path: FakeStatvfs(64 * 2**20))
+    with pytest.raises(DataError) as e:
+        shm_prefetch(imagenet, 12, 8)
+    message = str(e.value)
+    assert "\n" not in message and "/dev/shm has 0.06 GiB free" in message
+    assert "--shm-size=" in message and "--ipc=host" in message and "--workers" in message
+
+    def no_shm(path):
+        raise FileNotFoundError(path)
+    monkeypatch.setattr(os, "statvfs", no_shm)
+    assert shm_prefetch(imagenet, 12, 8) == 2                             # not Linux: nothing to size
+
+
+def test_a_worker_bus_error_becomes_one_error_line():
+    from data import DataError
+    from loaders import TrainLoader
+
+    def dying():
+        yield 1
+        raise RuntimeError("DataLoader worker (pid 123) is killed by signal: Bus error. It is possible that "
+                           "dataloader's workers are out of shared memory. Please try to raise your shared memory limit.")
+
+    class Sampler:
+        base = range(8)
+    with pytest.raises(DataError, match=r"ran out of shared memory \(/dev/shm\).*--ipc=host"):
+        list(TrainLoader(dying(), Sampler(), 4))
+
+
+def test_cpu_batches_pass_through_side_stream_copies_unchanged():
+    """On the CPU SideStreamCopies is .to(device) over a nested batch, and host_to_device a copy."""
+    from loaders import SideStreamCopies, host_to_device
+    batches = [((torch.arange(3), torch.ones(2)), torch.zeros(1)) for _ in range(2)]
+    out = list(SideStreamCopies(batches, torch.device("cpu")))
+    assert len(out) == 2 and all(torch.equal(a[0][0], b[0][0]) and torch.equal(a[1], b[1]) for a, b in zip(out, batches))
+    assert torch.equal(host_to_device(torch.arange(4), torch.device("cpu")), torch.arange(4))
