@@ -282,3 +282,27 @@ def test_cpu_batches_pass_through_side_stream_copies_unchanged():
     out = list(SideStreamCopies(batches, torch.device("cpu")))
     assert len(out) == 2 and all(torch.equal(a[0][0], b[0][0]) and torch.equal(a[1], b[1]) for a, b in zip(out, batches))
     assert torch.equal(host_to_device(torch.arange(4), torch.device("cpu")), torch.arange(4))
+
+
+# -------------------------------------------------------------- SIGTERM agreement, gloo ---
+def _stop_worker(rank, port, out_dir):
+    import threading
+    import distributed
+    join_gloo(rank, 2, port)
+    event = threading.Event()
+    stopper = distributed.StopAgreement(event)
+    seen = []
+    for i in range(6):
+        if rank == 1 and i == 2:
+            event.set()                                       # SIGTERM reaches rank 1 during step 2
+        seen.append(stopper.poll())
+    seen.append(stopper.finish())
+    torch.save({"seen": seen}, os.path.join(out_dir, f"s{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_stop_agreement_on_the_default_group_stops_every_rank_after_the_same_step(tmp_path):
+    """The flag set on rank 1 at poll 2 is agreed at poll 3 (LAG 1 on gloo) on both ranks."""
+    mp.spawn(_stop_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    seen = [torch.load(tmp_path / f"s{r}.pt")["seen"] for r in range(2)]
+    assert seen[0] == seen[1] == [False, False, False, True, True, True, True]
