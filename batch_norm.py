@@ -19,8 +19,9 @@ functional collective (torch.distributed._functional_collectives.all_reduce), wh
 traces into the graph, and its backward pass all-reduces the gradient of [S1, S2]: exactly the
 gradient of the sum of every rank's loss through the shared statistics.
 
-In eval mode (running statistics), or in one process, the layer is nn.BatchNorm of the same
-shape, step for step.
+In eval mode (running statistics), or in a process without a process group (a plain
+`python train.py`), the layer is nn.BatchNorm of the same shape, step for step. A group of one
+process (the no-sync test) takes the all-reduce path, which then computes what nn.BatchNorm does.
 """
 import torch
 import torch.distributed as dist
@@ -29,9 +30,9 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
-def _world_size() -> int:
-    """Processes in the default group; 1 without one (torch.compile folds both calls to constants)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+def _grouped() -> bool:
+    """Whether a default process group exists (torch.compile folds the call to a constant)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def global_sums(x: torch.Tensor) -> torch.Tensor:
@@ -44,7 +45,7 @@ def global_sums(x: torch.Tensor) -> torch.Tensor:
     dims = [0] + list(range(2, x.dim()))
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     local = torch.stack([x.sum(dims), (x * x).sum(dims)])                           # (2, C)
-    return local if _world_size() == 1 else AllReduceSum.apply(local)               # (2, C)
+    return AllReduceSum.apply(local) if _grouped() else local                      # (2, C)
 
 
 def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
@@ -85,9 +86,9 @@ class GlobalBatchNorm(_BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
         batch_stats = self.training or not self.track_running_stats  # nn.BatchNorm's own rule
-        if not batch_stats or _world_size() == 1:
+        if not batch_stats or not _grouped():
             return super().forward(x)  # the plain layer: F.batch_norm, fused
-        N = x.numel() // x.shape[1] * _world_size()          # values per channel, all ranks: static
+        N = x.numel() // x.shape[1] * dist.get_world_size()  # values per channel, all ranks: static
         s1, s2 = global_sums(x)                                                     # (C,) each
         mean = s1 / N
         var = (s2 / N - mean * mean).clamp(min=0)  # rounding can make E[x^2] - mean^2 slightly < 0
