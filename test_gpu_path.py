@@ -306,3 +306,152 @@ def test_stop_agreement_on_the_default_group_stops_every_rank_after_the_same_ste
     mp.spawn(_stop_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     seen = [torch.load(tmp_path / f"s{r}.pt")["seen"] for r in range(2)]
     assert seen[0] == seen[1] == [False, False, False, True, True, True, True]
+
+
+# ------------------------------------------------- CUDA: the step never waits for the GPU ---
+class PairCrops(torch.utils.data.Dataset):
+    """What the ImageNet workers hand over: two uint8 crops (3, S, S) of an image and its label."""
+
+    def __init__(self, n: int, size: int):
+        g = torch.Generator().manual_seed(1)
+        self.crops = torch.randint(0, 256, (n, 2, 3, size, size), dtype=torch.uint8, generator=g)
+
+    def __len__(self):
+        return len(self.crops)
+
+    def __getitem__(self, key):
+        _, i = key  # loaders.EpochItems' (epoch, index)
+        return (self.crops[i, 0], self.crops[i, 1]), i % 10
+
+
+def nosync_views(path: str, dev, compiled: bool, n: int, size: int, batch: int):
+    """The batches train.py's loader yields on CUDA: "resident" (the uint8 set on the device,
+    gathered and cropped there) or "loader" (a pinned DataLoader of worker crops, copied on the
+    side stream, colour etc. on the device). Returns (iterable, sampler)."""
+    from data import EpochSampler
+    from loaders import DeviceAugmented, EpochItems, ResidentImages
+    sampler = EpochSampler(torch.utils.data.DistributedSampler(range(n), 1, 0, seed=0, drop_last=True))
+    ms = ((0.5,) * 3, (0.25,) * 3)
+    if path == "resident":
+        g = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g).to(dev)
+        source = ResidentImages(images, torch.arange(n, device=dev) % 10, sampler, batch)
+        return DeviceAugmented(source, sampler, dev, size, 0.2, ms, 0, 0, crop=True, batch=batch,
+                               compiled=compiled), sampler
+    loader = torch.utils.data.DataLoader(PairCrops(n, size), batch, sampler=EpochItems(sampler), num_workers=1,
+                                         pin_memory=True, drop_last=True, persistent_workers=True)
+    return DeviceAugmented(loader, sampler, dev, size, 0.2, ms, 0, 0, crop=False, batch=batch,
+                           compiled=compiled), sampler
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="checks CUDA synchronisation: needs a GPU")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_training_step_train_py_runs_never_waits_for_the_gpu(compiled):
+    """torch.cuda.set_sync_debug_mode("error") raises at any host-device synchronisation (.item(),
+    nonzero, boolean-mask indexing, a blocking or pageable copy). After a warm-up epoch (cuDNN's
+    choices, the allocator, compilation), a whole epoch of what train.py's loop runs on CUDA is
+    checked: the loader's batches (both data paths), channels_last inputs, train.train_step with
+    bf16 autocast through the DDP wrapper (distributed.wrap_ddp) on a one-process NCCL group,
+    GlobalBatchNorm (its all-reduce path), LARS and AdamW as train.py builds them, with and
+    without torch.compile of the backbones (and of the augmentation), then Progress.add and
+    NeighbourQuality.update."""
+    import augment
+    import distributed
+    import train
+    from batch_norm import convert_to_global_batch_norm
+    from lars import LARS, param_groups
+    from model import SNCLR
+    from neighbour_monitor import NeighbourQuality
+    from progress import Progress
+    dev = torch.device("cuda", torch.cuda.current_device())
+    torch.distributed.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                                         world_size=1, device_id=dev)
+    try:
+        torch.manual_seed(0)
+        n, size, batch = 64, 32, 16
+        model = convert_to_global_batch_norm(SNCLR("resnet18", size, dim=16, mlp_dim=32, num_neighbors=2,
+                                                   queue_size=64)).to(dev).to(memory_format=torch.channels_last)
+        model.queue.enqueue(torch.randn(64, 16, device=dev), torch.randint(0, 10, (64,), device=dev))
+        if compiled:
+            model.backbone.compile()
+            model.momentum_backbone.compile()
+        ddp = distributed.wrap_ddp(model, dev)
+        optimizers = {"lars": LARS(param_groups(model, 1e-6), weight_decay=1e-6, momentum=0.9),
+                      "adamw": torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.1)}
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        args = train.resolve_args(train.get_args_parser().parse_args(
+            ["--dataset", "fake", "--arch", "resnet18", "--batch-size", str(batch), "--epochs", "1"]))
+        env = distributed.Env(0, 1, dev)
+        big, g = torch.randint(0, 256, (16, 3, 96, 96), dtype=torch.uint8, device=dev), torch.Generator(device=dev)
+        assert augment.blur_capacity(16, augment.VIEW2["blur_p"]) < 16
+        for path in ("resident", "loader"):
+            views, sampler = nosync_views(path, dev, compiled, n, size, batch)
+            for name, optimizer in optimizers.items():
+                progress, quality = Progress(args, env, 0, 0, n // batch), NeighbourQuality(dev)
+                for epoch, strict in enumerate((False, True)):       # a warm-up epoch first
+                    for group in optimizer.param_groups:
+                        group["lr"] = 0.01                            # train.py sets a float each step
+                    sampler.set_epoch(epoch)
+                    torch.cuda.set_sync_debug_mode("error" if strict else "default")
+                    try:
+                        for (x1, x2), y in views:
+                            x1 = x1.contiguous(memory_format=torch.channels_last)
+                            x2 = x2.contiguous(memory_format=torch.channels_last)
+                            loss, w, same, _ = train.train_step(model, ddp, x1, x2, optimizer, scaler, 0.99, 0,
+                                                                torch.autocast("cuda", torch.bfloat16), y)
+                            progress.add(loss, w, None, 0.0)
+                            quality.update(w, same)
+                        g.manual_seed(epoch)  # 96 px crops: view 2 blurs its 12 of 16 (blur_some's gather)
+                        augment.two_views([big, big], 96, 0.2, (0.5,) * 3, (0.25,) * 3, g, crop=False,
+                                          compiled=compiled)
+                    finally:
+                        torch.cuda.set_sync_debug_mode("default")
+                assert torch.isfinite(loss).item(), (path, name)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+# ------------------------------------------------------------------- augmentation ---
+def binomial_tail(B, p, m):
+    """P(more than m of B coins with probability p come up), exactly (fractions of integers)."""
+    from fractions import Fraction
+    from math import comb
+    q = Fraction(p).limit_denominator(10**6)
+    return float(sum(comb(B, k) * q**k * (1 - q)**(B - k) for k in range(m + 1, B + 1)))
+
+
+def test_blur_capacity_is_the_smallest_count_with_a_tail_below_1e_9():
+    from augment import blur_capacity
+    for B in (16, 64, 256, 1024):
+        m = blur_capacity(B, 0.1)
+        assert m < B and binomial_tail(B, 0.1, m) < 1e-9 <= binomial_tail(B, 0.1, m - 1), B
+    assert blur_capacity(4, 0.1) == 4 and blur_capacity(256, 1.0) == 256 and blur_capacity(256, 0.0) == 0
+
+
+def test_blur_some_blurs_exactly_the_due_images_within_capacity():
+    """With at most `capacity` images due, blur_some = the whole-batch blur kept where due; with
+    more, the first `capacity` due (batch order) are blurred and the others stay sharp."""
+    from augment import blur_some, gaussian_blur
+    g = torch.Generator().manual_seed(2)
+    x, sigma = torch.rand(10, 3, 70, 70, generator=g), 0.1 + 1.9 * torch.rand(10, generator=g)
+    full = gaussian_blur(x, 7, sigma)
+    due = torch.tensor([0, 1, 0, 0, 1, 0, 1, 0, 0, 0], dtype=torch.bool)
+    out = blur_some(x, due, sigma, 7, capacity=4)
+    expected = torch.where(due[:, None, None, None], full, x)
+    assert torch.allclose(out, expected, atol=1e-6)
+    many = torch.ones(10, dtype=torch.bool)
+    out = blur_some(x, many, sigma, 7, capacity=4)
+    assert torch.allclose(out[:4], full[:4], atol=1e-6) and torch.equal(out[4:], x[4:])
+    assert torch.equal(blur_some(x, due, sigma, 7, capacity=0), x)
+
+
+def test_compiled_augmentation_equals_eager():
+    """two_views(compiled=True) applies the same parameters as eager mode (same generator
+    draws), to float32 rounding; one-channel 28 px crops (the Fashion-MNIST resident path)."""
+    import augment
+    images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ms = ((0.3,) * 3, (0.35,) * 3)
+    eager = augment.two_views(images, 28, 0.2, *ms, torch.Generator().manual_seed(4))
+    compiled = augment.two_views(images, 28, 0.2, *ms, torch.Generator().manual_seed(4), compiled=True)
+    for a, b in zip(eager, compiled):
+        assert torch.allclose(a, b, atol=1e-5)
