@@ -42,7 +42,7 @@ if [ -z "${FMNIST:-}" ]; then
 fi
 mkdir -p "$OUT" || exit 1
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/$OUT/inductor_cache}  # one compile, reused
-FM_DATA=fashion-mnist
+FM_DATA=missing
 for f in "$FMNIST"/{,raw/,FashionMNIST/raw/}train-images-idx3-ubyte{,.gz}; do
   if [ -f "$f" ]; then FM_DATA=found; fi
 done
@@ -64,7 +64,7 @@ if [ "$SMOKE" = 1 ]; then
         --repeats 1)
   STEP=("${TINY[@]}" --scaling-queues 1024 --scaling-k 5)
   DATA=("${TINY[@]}" --data-images 80 --data-steps 4 --data-workers 2 --loader-images 8 --augment-device "$DEVICE")
-  FM+=(--subset 1024 --batch-size 128 --knn-train-size 1000 --knn-test-size 200 --epochs 2)
+  FM+=(--subset 512 --batch-size 128 --knn-train-size 1000 --knn-test-size 200 --epochs 2)
   if [ "$FM_DATA" = fake ]; then FM+=(--fake-size 2048); fi
   FM_WORKERS=1
 else

@@ -170,9 +170,9 @@ def cleanup() -> None:
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
     """DDP for gradient averaging only. No buffer broadcast before each forward: the queue
-    (65536 x 256 floats) is identical on every rank by construction, and CPU ranks average their
-    BatchNorm statistics once per epoch (SyncBatchNorm is CUDA-only). Newer PyTorch renamed the
-    option."""
+    (65536 x 256 floats) is identical on every rank by construction, and so are the BatchNorm
+    statistics with batch_norm.GlobalBatchNorm (plain BatchNorm statistics are averaged once per
+    epoch, average_batchnorm_stats). Newer PyTorch renamed the option."""
     option = "forward_sync_buffers" if "forward_sync_buffers" in \
         inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers"
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
