@@ -24,6 +24,7 @@ it per step reproduces a step bit for bit after a resume. Nothing reads a tensor
 Per-image choices are made with torch.where, which computes an op for the whole batch and keeps it
 where it applies.
 """
+import functools
 import math
 from dataclasses import dataclass
 
@@ -299,18 +300,74 @@ def solarize(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
     return torch.where(_per_image(apply) & (x >= SOLARIZE_THRESHOLD), 1 - x, x)
 
 
+_CHANNEL_CONSTANTS = {}  # (values, device, dtype) -> (1, C, 1, 1) tensor: made once per process
+
+
+def _per_channel(values, x: torch.Tensor) -> torch.Tensor:
+    """C Python floats as a (1, C, 1, 1) tensor on x's device, made there from the floats (kernel
+    arguments; a tensor made on the host would need a copy to the GPU, which waits for it), once:
+    later calls reuse it (in a compiled graph the few operators fold into its constants)."""
+    key = (tuple(values), x.device, x.dtype)
+    if key in _CHANNEL_CONSTANTS and not torch.compiler.is_compiling():
+        return _CHANNEL_CONSTANTS[key]
+    out = torch.stack([torch.full((), v, device=x.device, dtype=x.dtype) for v in values])
+    if not torch.compiler.is_compiling():
+        _CHANNEL_CONSTANTS[key] = out.view(1, -1, 1, 1)
+    return out.view(1, -1, 1, 1)                                                   # (1, C, 1, 1)
+
+
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    """torchvision.transforms.v2.functional.normalize: (x_c - mean_c) / std_c.
-    x (B, C, H, W), mean and std C floats -> (B, C, H, W). They stay Python floats: a tensor
-    made of them on the host needs a blocking copy to the GPU, which waits for the GPU."""
-    return torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(zip(mean, std))], dim=1)
+    """torchvision.transforms.v2.functional.normalize: (x_c - mean_c) / std_c, computed as
+    x_c * (1 / std_c) - mean_c / std_c in one pass over the batch (addcmul).
+    x (B, C, H, W), mean and std C floats -> (B, C, H, W)."""
+    scale = _per_channel([1 / s for s in std], x)
+    shift = _per_channel([-m / s for m, s in zip(mean, std)], x)
+    return torch.addcmul(shift, x, scale)
+
+
+@functools.lru_cache
+def blur_capacity(B: int, p: float, miss: float = 1e-9) -> int:
+    """The fewest images M such that more than M of B are due for blur with probability p less
+    often than `miss` (a binomial tail, in log space so that B in the thousands stays finite).
+    View 2 (p = 0.1) blurs at most M of its images, a fixed number (static shapes, no host
+    read): 58 of 256 instead of all 256. Depends on B and p only."""
+    if p <= 0:
+        return 0
+    if p >= 1:
+        return B
+    log_pmf = [math.lgamma(B + 1) - math.lgamma(k + 1) - math.lgamma(B - k + 1) + k * math.log(p)
+               + (B - k) * math.log1p(-p) for k in range(B + 1)]
+    tail = 0.0
+    for k in range(B, -1, -1):  # tail = P(more than k - 1 due), summed from the top
+        tail += math.exp(log_pmf[k])
+        if tail >= miss:
+            return min(B, k)
+    return B
+
+
+def blur_some(x: torch.Tensor, apply: torch.Tensor, sigma: torch.Tensor, kernel_size: int,
+              capacity: int) -> torch.Tensor:
+    """gaussian_blur(x[b], sigma[b]) where apply[b], blurring only `capacity` images: those due
+    come first (a stable sort of the coins), the first `capacity` of the batch order are blurred
+    and written back; with more due than capacity (probability < 1e-9 with blur_capacity) the
+    rest stay sharp. Shapes depend on capacity only, never on the coins' values.
+    x (B, C, H, W), apply (B,) bool, sigma (B,) -> (B, C, H, W)."""
+    if capacity >= x.shape[0]:  # view 1 (p = 1), or small batches: blur all, keep where due
+        return torch.where(_per_image(apply), gaussian_blur(x, kernel_size, sigma), x)
+    if capacity == 0:
+        return x
+    idx = torch.argsort((~apply).int(), stable=True)[:capacity]  # due first  # (M,)
+    chosen = x[idx]                                                                # (M, C, H, W)
+    blurred = gaussian_blur(chosen, kernel_size, sigma[idx])                       # (M, C, H, W)
+    return x.index_copy(0, idx, torch.where(_per_image(apply[idx]), blurred, chosen))
 
 
 # ------------------------------------------------------------------------------ pipeline ---
 def apply_params(images: torch.Tensor, p: Params, size: int, mean, std,
-                 crop: bool = True) -> torch.Tensor:
+                 crop: bool = True, max_blurred: int = None) -> torch.Tensor:
     """Steps 1-7 with the given parameters. crop=False skips steps 1-2 (crop and flip), which
-    the DataLoader workers did already: images must then be size x size.
+    the DataLoader workers did already: images must then be size x size. max_blurred: blur
+    at most that many images (see blur_some; None: any number, the whole batch is blurred).
     images uint8 (B, C, H, W), C = 1 or 3 -> float32 (B, 3, size, size), normalised.
     """
     x = images.float() / 255                                                       # (B, C, H, W)
@@ -321,15 +378,16 @@ def apply_params(images: torch.Tensor, p: Params, size: int, mean, std,
     x = random_grayscale(x, p.gray)
     k = blur_kernel_size(size)
     if k:
-        x = torch.where(_per_image(p.blur), gaussian_blur(x, k, p.sigma), x)
+        x = blur_some(x, p.blur, p.sigma, k, x.shape[0] if max_blurred is None else max_blurred)
     x = solarize(x, p.solarize)
     return normalize(x, mean, std)                                                 # (B, 3, size, size)
 
 
 def augment(images: torch.Tensor, size: int, crop_min: float, blur_p: float, solarize_p: float,
-            mean, std, generator: torch.Generator, crop: bool = True) -> torch.Tensor:
+            mean, std, generator: torch.Generator, crop: bool = True, compiled: bool = False) -> torch.Tensor:
     """One augmented view of a batch: uint8 (B, C, H, W), C = 1 or 3, on the generator's device
-    -> float32 (B, 3, size, size). crop=False: images are already cropped and flipped to size."""
+    -> float32 (B, 3, size, size). crop=False: images are already cropped and flipped to size.
+    compiled: apply the parameters with a torch.compile'd apply_params (see compiled_apply)."""
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"expected uint8 images (B, 1 or 3, H, W), got {images.dtype} "
                          f"{tuple(images.shape)}")
@@ -339,18 +397,30 @@ def augment(images: torch.Tensor, size: int, crop_min: float, blur_p: float, sol
     if not crop and (H, W) != (size, size):
         raise ValueError(f"crop=False needs images of the final size {size}x{size}, got {H}x{W}")
     p = sample_params(B, H, W, crop_min, blur_p, solarize_p, generator)
-    return apply_params(images, p, size, mean, std, crop)
+    apply = compiled_apply() if compiled else apply_params
+    return apply(images, p, size, mean, std, crop, blur_capacity(B, blur_p))
+
+
+@functools.cache
+def compiled_apply():
+    """apply_params under torch.compile, made once per process. Sampling stays eager (its
+    random numbers come from a torch.Generator, which torch.compile does not trace); applying,
+    ~600 operators over whole images in eager mode, becomes a few fused kernels. Every shape is
+    fixed by (B, H, W, size) and max_blurred, so dynamic=False: one graph per view, compiled in
+    the first step."""
+    return torch.compile(apply_params, dynamic=False)
 
 
 def two_views(images, size: int, crop_min: float, mean, std, generator: torch.Generator,
-              crop: bool = True):
+              crop: bool = True, compiled: bool = False):
     """BYOL's asymmetric pair -> (view 1, view 2), each float32 (B, 3, size, size).
     View 1: blur p 1.0, solarize p 0.0. View 2: blur p 0.1, solarize p 0.2.
 
     images: one uint8 batch (B, C, H, W) that the two views crop independently, or a pair of
     batches, one per view (with crop=False: the two crops the DataLoader workers made).
+    compiled: torch.compile the applying of the parameters (loaders.py does on CUDA with --compile).
     """
     first, second = images if isinstance(images, (tuple, list)) else (images, images)
-    common = dict(mean=mean, std=std, generator=generator, crop=crop)
+    common = dict(mean=mean, std=std, generator=generator, crop=crop, compiled=compiled)
     return (augment(first, size, crop_min, **VIEW1, **common),
             augment(second, size, crop_min, **VIEW2, **common))

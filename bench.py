@@ -47,15 +47,18 @@ import train
 from checkpoint import ConfigError
 from cli import nonneg_int, positive_int
 from loaders import AUGMENT_DEVICES
+from lars import LARS, param_groups
 from loss import info_nce, snclr_loss
 from memory_queue import MemoryQueue
-from model import ARCHS, RESNETS, SNCLR
+from model import ARCHS, RESNETS, STEMS, VITS, SNCLR
+from op_count import count_ops
 from train import train_step
 
 JPEG_SIZE, JPEG_QUALITY = (500, 375), 90  # a typical ImageNet photo (width, height), typical quality
 LOADER_SIZE = 224                         # (a) times the ImageNet recipe's crop size
 CROP_MIN = options.RECIPES["resnet"]["crop_min"]
 CLASSES = 10                              # class folders of the synthetic ImageFolder
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")  # torch.compile's modes used here
 
 
 def get_args_parser():
@@ -80,6 +83,14 @@ def get_args_parser():
       "torch.channels_last, as train.py runs ResNets on CUDA")
     a("--compile", action="store_true", help="torch.compile the two backbones, as train.py --compile "
       "(with --data it is passed to train.py)")
+    a("--compile-mode", default="default", choices=COMPILE_MODES, help="step benchmark with --compile: "
+      "torch.compile's mode; reduce-overhead replays the backbones as CUDA graphs (static shapes: the "
+      "resident data path), each step begun with torch.compiler.cudagraph_mark_step_begin()")
+    a("--stem", default="auto", choices=STEMS, help="the model's stem, as train.py --stem (the Fashion-MNIST "
+      "demo recipe uses imagenet)")
+    a("--count-ops", action="store_true", help="instead of timing: count the aten operators (and bytes they "
+      "touch) of one step on --device: the two-view augmentation of a uint8 batch, train_step with the "
+      "recipe's optimiser, and the optimiser alone; print them and write OUT/bench_ops_<arch>_<size>.json")
     a("--out", default=os.path.join("runs", "bench"), help="writes OUT/bench_<device>_<arch>[_channels_last]"
       "[_compile].json, or OUT/bench_data_<device>.json with --data; runs/ is git-ignored: pass --out "
       "results to replace the committed figures in results/ deliberately")
@@ -111,6 +122,12 @@ def check_args(p, args) -> None:
     if args.channels_last and args.data:
         p.error("--channels-last is the step benchmark's; --data runs train.py's loop, which uses channels_last "
                 "for ResNets on CUDA by itself")
+    if args.compile_mode != "default" and not args.compile:
+        p.error(f"--compile-mode {args.compile_mode} needs --compile")
+    if args.compile_mode != "default" and args.data:
+        p.error("--compile-mode is the step benchmark's; --data runs train.py's loop, which compiles in its default mode")
+    if args.count_ops and (args.data or args.compile):
+        p.error("--count-ops counts eager operators of the step; it cannot be combined with --data or --compile")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} is a file, not a folder")
     if args.warmup is None:
@@ -146,15 +163,30 @@ def as_train_runs(model, x1, x2, args, device):
         model = model.to(memory_format=torch.channels_last)
         x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
     if args.compile:  # in place, as train.py does
-        model.backbone.compile()
-        model.momentum_backbone.compile()
+        model.backbone.compile(mode=args.compile_mode)
+        model.momentum_backbone.compile(mode=args.compile_mode)
     return model, x1, x2
+
+
+def recipe_optimizer(model, arch: str):
+    """The optimiser train.py uses for arch with its recipe's defaults (train.RECIPES): LARS over
+    lars.param_groups (weights decayed and adapted, biases and norms neither) for ResNets, AdamW
+    over every parameter for ViTs. The same rule as train.py's optimiser builder, restated here so
+    that the benchmark times the step train.py runs (SGD, which it timed before, costs ~1/8 of
+    LARS's operators) whatever module that builder lives in."""
+    recipe = train.RECIPES["vit" if arch in VITS else "resnet"]
+    if recipe["optimizer"] == "adamw":
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe["lr"],
+                                 weight_decay=recipe["weight_decay"])
+    return LARS(param_groups(model, recipe["weight_decay"]), lr=recipe["lr"], weight_decay=recipe["weight_decay"],
+                momentum=0.9)
 
 
 def step_times(model, x1, x2, args, device):
     """Alternate SNCLR (K) and baseline (K = 0) steps; median seconds and peak memory of each,
     after --warmup untimed pairs (with --compile these compile both graphs)."""
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    opt = recipe_optimizer(model, args.arch)
+    graphs = args.compile and args.compile_mode == "reduce-overhead"
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     amp = lambda: torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")  # noqa: E731
     times, peak = {"snclr": [], "baseline": []}, {}
@@ -165,6 +197,8 @@ def step_times(model, x1, x2, args, device):
             torch.cuda.reset_peak_memory_stats(device)
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
+        if graphs:  # a new step: the CUDA graphs may overwrite the last step's outputs
+            torch.compiler.cudagraph_mark_step_begin()
         train_step(model, model, x1, x2, opt, scaler, 0.99, autocast=amp())
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -217,7 +251,7 @@ def step_benchmark(args, env) -> tuple[dict, list[str]]:
     torch.manual_seed(0)
     try:
         model = SNCLR(args.arch, args.image_size, args.dim, args.mlp_dim, 0.2, args.num_neighbors,
-                      args.queue_size).to(device)
+                      args.queue_size, stem=args.stem).to(device)
     except ValueError as e:  # e.g. a ViT patch size that does not divide the image size
         raise ConfigError(str(e)) from None
     model.queue.enqueue(torch.randn(args.queue_size, args.dim, device=device))   # a full queue
@@ -243,6 +277,41 @@ def step_benchmark(args, env) -> tuple[dict, list[str]]:
              "search ms by queue size (rows) and K (columns):"]
     lines += [f"  {size:>8}: " + "  ".join(f"K={r['K']}: {r['ms']:.2f}" for r in result["search_scaling"]
                                            if r["queue"] == size) for size in args.scaling_queues]
+    return result, lines
+
+
+def ops_benchmark(args, env) -> tuple[dict, list[str]]:
+    """--count-ops: aten operators (non-view) and the bytes they touch for one step, eager, on
+    --device: the batched two views of a one-channel uint8 batch (crop=True, the resident path),
+    train_step (K, the recipe's optimiser, a full queue) and that optimiser's step alone; the
+    second call of each is counted (the first creates the optimiser state)."""
+    device, B, S = env.device, args.batch_size, args.image_size
+    torch.manual_seed(0)
+    model = SNCLR(args.arch, S, args.dim, args.mlp_dim, 0.2, args.num_neighbors, args.queue_size,
+                  stem=args.stem).to(device)
+    model.queue.enqueue(torch.randn(args.queue_size, args.dim, device=device))
+    opt, scaler = recipe_optimizer(model, args.arch), torch.amp.GradScaler(device.type, enabled=False)
+    images = torch.randint(0, 256, (B, 1, S, S), dtype=torch.uint8, device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    views = lambda: augment.two_views(images, S, CROP_MIN, *data.IMAGENET_MEAN_STD, g)  # noqa: E731
+    x1, x2 = views()
+    step = lambda: train_step(model, model, x1, x2, opt, scaler, 0.99)  # noqa: E731
+    counted = {}
+    for name, fn in (("augment", views), ("step", step), ("optimizer", opt.step)):
+        fn()
+        c = count_ops(fn)
+        counted[name] = {"ops": c.ops, "mib_per_image": c.bytes / B / 2**20}
+    optimizer = type(opt).__name__
+    result = {"device": device_name(device), "torch": torch.__version__, "args": vars(args), "optimizer": optimizer,
+              **counted, "total_ops": counted["augment"]["ops"] + counted["step"]["ops"]}
+    lines = [f"aten operators (non-view) per step, eager, {args.arch} (stem {args.stem}), {S} px, batch {B}, "
+             f"K {args.num_neighbors}, dim {args.dim}, mlp {args.mlp_dim}, queue {args.queue_size}, {optimizer}",
+             f"  two-view augmentation   {counted['augment']['ops']:6d} ops  {counted['augment']['mib_per_image']:8.2f} "
+             f"MiB per image",
+             f"  train_step              {counted['step']['ops']:6d} ops  {counted['step']['mib_per_image']:8.2f} "
+             f"MiB per image",
+             f"    of which {optimizer:11s} {counted['optimizer']['ops']:6d} ops",
+             f"  step total              {result['total_ops']:6d} ops"]
     return result, lines
 
 
@@ -458,11 +527,14 @@ def main(argv=None):
             env = distributed.init_distributed(args.device)  # one process: no process group
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        result, lines = (data_benchmark if args.data else step_benchmark)(args, env)
+        run = data_benchmark if args.data else ops_benchmark if args.count_ops else step_benchmark
+        result, lines = run(args, env)
     except (ConfigError, data.DataError) as e:
         cli.fail(e)
-    name = (f"bench_data_{env.device.type}" if args.data else f"bench_{env.device.type}_{args.arch}"
-            + "_channels_last" * args.channels_last + "_compile" * args.compile)
+    name = (f"bench_data_{env.device.type}" if args.data else
+            f"bench_ops_{env.device.type}_{args.arch}_{args.image_size}" if args.count_ops else
+            f"bench_{env.device.type}_{args.arch}" + "_channels_last" * args.channels_last + "_compile" * args.compile
+            + ("_" + args.compile_mode) * (args.compile_mode != "default"))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, name + ".json")
     with open(path, "w") as f:

@@ -3,6 +3,7 @@
 A plain `python train.py` is one process and never creates a process group; every function
 here then degenerates to the identity, so the same training step runs everywhere.
 """
+import collections
 import inspect
 import os
 import threading
@@ -77,9 +78,9 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 def average_batchnorm_stats(model: torch.nn.Module) -> None:
     """Average BatchNorm running statistics over ranks (in place).
 
-    Without SyncBatchNorm (CUDA-only in PyTorch) each CPU rank tracks statistics of its own
-    sub-batches; training uses batch statistics and does not care, but evaluation and the
-    checkpoint need one set. With SyncBatchNorm the ranks agree already and this changes nothing.
+    With plain BatchNorm each rank tracks statistics of its own sub-batches; training uses batch
+    statistics and does not care, but evaluation and the checkpoint need one set. With
+    batch_norm.GlobalBatchNorm the ranks agree already (up to rounding) and this changes nothing.
     """
     if world_size() == 1:
         return
@@ -103,31 +104,58 @@ def all_ok(ok: bool, device: torch.device = torch.device("cpu")) -> bool:
 
 class StopAgreement:
     """Whether any rank has received SIGTERM, agreed by all ranks after every step, without
-    waiting for the GPU: the flag is a CPU tensor all-reduced on a gloo group (also beside
-    nccl), started after step t and read after step t + 1, so the collective overlaps a step.
-    Every rank calls poll() once per step, so all stop after the same step. With one process
-    it is the event itself."""
+    waiting for the GPU. Each poll() all-reduces this rank's flag on the run's own process
+    group and returns the agreed flag of an earlier poll, LAG polls back, so every rank stops
+    after the same step and the collective overlaps the steps in between:
 
-    def __init__(self, event: threading.Event):
-        self.event, self.pending = event, None
-        self.group = dist.new_group(backend="gloo") if world_size() > 1 else None  # every rank, in order
+      gloo (CPU runs): a CPU flag, all-reduced asynchronously, read one poll later (LAG 1);
+      nccl (GPU runs): a one-element device flag all-reduced on the nccl stream, copied to
+          pinned host memory without blocking, and read two polls later (LAG 2), by which time
+          the GPU has long finished it: reading waits for a CUDA event that has almost always
+          fired, never for the step in flight.
+
+    No second process group: a gloo group beside nccl (this class's earlier design) needs every
+    node's host name to resolve to an address the other nodes reach, and fails or hangs on
+    clusters where it resolves to loopback. With one process it is the event itself."""
+
+    def __init__(self, event: threading.Event, device: torch.device = torch.device("cpu")):
+        self.event, self.pending = event, collections.deque()
+        self.ranked = world_size() > 1
+        self.nccl = self.ranked and dist.get_backend() == "nccl"
+        self.device = device if self.nccl else torch.device("cpu")
+        if self.nccl and self.device.type != "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.lag = 2 if self.nccl else 1
 
     def poll(self) -> bool:
-        if self.group is None:
+        if not self.ranked:
             return self.event.is_set()
-        stopped = self.finish()
-        flag = torch.tensor([float(self.event.is_set())])
-        self.pending = (dist.all_reduce(flag, group=self.group, async_op=True), flag)
+        stopped = self._read() if len(self.pending) >= self.lag else False
+        flag = torch.full((1,), float(self.event.is_set()), device=self.device)  # a fill: no copy
+        if self.nccl:
+            dist.all_reduce(flag)                        # queued on the GPU; the host goes on
+            host = torch.empty(1, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self.pending.append((done.synchronize, host))
+        else:
+            work = dist.all_reduce(flag, async_op=True)
+            self.pending.append((work.wait, flag))
         return stopped
 
+    def _read(self) -> bool:
+        wait, flag = self.pending.popleft()
+        wait()
+        return flag.item() > 0  # a host tensor: nothing more to wait for
+
     def finish(self) -> bool:
-        """Wait for the flag in flight (call once the loop is over, on every rank)."""
-        if self.pending is None:
-            return False
-        work, flag = self.pending
-        work.wait()
-        self.pending = None
-        return flag.item() > 0
+        """Wait for the flags in flight (call once the loop is over, on every rank): True when
+        any of them was set."""
+        stopped = False
+        while self.pending:
+            stopped = self._read() or stopped
+        return stopped
 
 
 def barrier() -> None:
@@ -142,9 +170,9 @@ def cleanup() -> None:
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
     """DDP for gradient averaging only. No buffer broadcast before each forward: the queue
-    (65536 x 256 floats) is identical on every rank by construction, and CPU ranks average their
-    BatchNorm statistics once per epoch (SyncBatchNorm is CUDA-only). Newer PyTorch renamed the
-    option."""
+    (65536 x 256 floats) is identical on every rank by construction, and so are the BatchNorm
+    statistics with batch_norm.GlobalBatchNorm (plain BatchNorm statistics are averaged once per
+    epoch, average_batchnorm_stats). Newer PyTorch renamed the option."""
     option = "forward_sync_buffers" if "forward_sync_buffers" in \
         inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers"
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,

@@ -21,6 +21,8 @@ epoch, step, rank), so the number of workers does not change a run and a resumed
 the interrupted one exactly.
 """
 import hashlib
+import math
+import os
 
 import numpy as np
 import torch
@@ -100,9 +102,7 @@ class PILBatches:
         self.loader, self.device = loader, device
 
     def __iter__(self):
-        for (x1, x2), y in self.loader:
-            yield ((x1.to(self.device, non_blocking=True), x2.to(self.device, non_blocking=True)),
-                   y.to(self.device, non_blocking=True))
+        return iter(SideStreamCopies(self.loader, self.device))
 
 
 class ResidentImages:
@@ -112,7 +112,7 @@ class ResidentImages:
         self.images, self.labels, self.sampler, self.batch = images, labels, sampler, batch
 
     def __iter__(self):
-        order = torch.tensor(list(self.sampler), device=self.images.device)  # (n,) this rank's epoch
+        order = host_to_device(torch.tensor(list(self.sampler)), self.images.device)  # (n,) this rank's epoch
         for start in range(0, len(order) - self.batch + 1, self.batch):      # drop the last partial batch
             idx = order[start:start + self.batch]                              # (B,)
             yield self.images[idx], self.labels[idx]                           # (B, C, H, W), (B,)
@@ -123,22 +123,68 @@ class DeviceAugmented:
     device into both views, each step's parameters seeded by (seed, epoch, step, rank)."""
 
     def __init__(self, source, sampler: EpochSampler, device, image_size: int, crop_min: float,
-                 mean_std, seed: int, rank: int, crop: bool, batch: int):
+                 mean_std, seed: int, rank: int, crop: bool, batch: int, compiled: bool = False):
         self.source, self.sampler, self.device, self.size = source, sampler, device, image_size
         self.crop_min, self.mean_std, self.seed, self.rank, self.crop = crop_min, mean_std, seed, rank, crop
-        self.batch = batch
+        self.batch, self.compiled = batch, compiled
 
     def __iter__(self):
         generator = torch.Generator(device=self.device)
         first = self.sampler.skip // self.batch  # the step this (possibly resumed) epoch starts at
-        for step, (images, y) in enumerate(self.source, start=first):
-            # one batch (B, C, H, W) uint8 that both views crop, or the workers' two crops of it
-            images = (images.to(self.device, non_blocking=True) if torch.is_tensor(images) else
-                      [view.to(self.device, non_blocking=True) for view in images])
+        # one batch (B, C, H, W) uint8 that both views crop, or the workers' two crops of it;
+        # worker batches come from pinned host memory, copied on a side stream
+        for step, (images, y) in enumerate(SideStreamCopies(self.source, self.device), start=first):
             generator.manual_seed(derived_seed(self.seed, self.sampler.epoch, step, self.rank))
             views = augment.two_views(images, self.size, self.crop_min, *self.mean_std, generator,
-                                      crop=self.crop)                          # 2 x (B, 3, size, size)
-            yield views, y.to(self.device, non_blocking=True)
+                                      crop=self.crop, compiled=self.compiled)  # 2 x (B, 3, size, size)
+            yield views, y
+
+
+def host_to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on device without waiting for the GPU: pinned, then copied asynchronously
+    (a copy from pageable memory blocks the host until the GPU has done everything before it)."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
+class SideStreamCopies:
+    """Iterate a source of batches (tensors, or nested tuples / lists of them) on device. On
+    CUDA each host batch is copied on a side stream, so that the copy overlaps the kernels of
+    the step still running on the compute stream instead of queueing behind them; the compute
+    stream then waits for the copy (on the GPU, not the host), and record_stream tells the
+    allocator that the compute stream uses the memory the side stream allocated. Tensors
+    already on the device pass through; on the CPU this is a plain .to(device)."""
+
+    def __init__(self, source, device: torch.device):
+        self.source, self.device = source, device
+
+    def __iter__(self):
+        if self.device.type != "cuda":
+            for batch in self.source:
+                yield _map_tensors(batch, lambda t: t.to(self.device))
+            return
+        side = torch.cuda.Stream(self.device)
+        for batch in self.source:
+            # no side.wait_stream(compute): the side stream allocates from its own pool (the
+            # caching allocator keeps blocks per stream), so the copy waits for nothing
+            compute = torch.cuda.current_stream(self.device)
+            with torch.cuda.stream(side):
+                batch = _map_tensors(batch, lambda t: t.to(self.device, non_blocking=True))
+            compute.wait_stream(side)
+            yield _map_tensors(batch, lambda t: _used_on(t, compute))
+
+
+def _used_on(t: torch.Tensor, stream) -> torch.Tensor:
+    t.record_stream(stream)
+    return t
+
+
+def _map_tensors(batch, fn):
+    """fn applied to every tensor of a nested tuple / list batch, the structure kept."""
+    if torch.is_tensor(batch):
+        return fn(batch)
+    return type(batch)(_map_tensors(b, fn) for b in batch)
 
 
 def check_fits(images: torch.Tensor, device: torch.device) -> None:
@@ -150,6 +196,42 @@ def check_fits(images: torch.Tensor, device: torch.device) -> None:
     if images.numel() > free // 2:
         raise DataError(f"the training set needs {images.numel() / 2**30:.1f} GiB as uint8, more than half of the "
                         f"{free / 2**30:.1f} GiB free on {device}; use --augment-device workers")
+
+
+SHM = "/dev/shm"   # where DataLoader workers put the batches they hand over (torch's file_descriptor sharing)
+MAX_PREFETCH = 2   # torch's DataLoader default prefetch_factor: batches queued per worker
+
+
+def worker_batch_bytes(batch: int, image_size: int, batched: bool) -> int:
+    """Shared memory of one worker batch: two views of `batch` 3-channel images, uint8 crops for
+    the batched path, float32 for the PIL path, and the labels (int64). ImageNet, 512 crop
+    pairs at 224 px: 154 MB."""
+    return batch * (2 * 3 * image_size ** 2 * (1 if batched else 4) + 8)
+
+
+def shm_message(free: int, need: int, what: str) -> str:
+    return (f"{SHM} has {free / 2**30:.2f} GiB free but {what} need {need / 2**30:.2f} GiB; give the "
+            f"container more shared memory (docker run --shm-size={math.ceil(need / 2**30) + 1}g, or "
+            f"--ipc=host) or use fewer --workers")
+
+
+def shm_prefetch(batch_bytes: int, workers: int, local_ranks: int) -> int:
+    """The DataLoader's prefetch_factor: MAX_PREFETCH, or fewer so that the batches of all ranks
+    on this node fit in half of /dev/shm's free space; the other half is for the batches the
+    main processes hold while they receive and pin them. A DataError (one line naming /dev/shm,
+    docker's --shm-size and --ipc=host) when not even one batch per worker fits: past that the
+    workers die with "Bus error" mid-epoch. No /dev/shm (not Linux): MAX_PREFETCH."""
+    try:
+        st = os.statvfs(SHM)
+    except OSError:
+        return MAX_PREFETCH
+    free = st.f_bavail * st.f_frsize
+    in_flight = local_ranks * workers * batch_bytes   # one batch queued per worker, every local rank
+    fits = free // 2 // in_flight
+    if fits < 1:
+        raise DataError(shm_message(free, 2 * in_flight, f"{local_ranks} rank(s) x {workers} workers x a batch "
+                                                         f"of {batch_bytes / 2**20:.0f} MiB (twice, in flight)"))
+    return min(MAX_PREFETCH, fits)
 
 
 def build_train_loader(args, env, path: str) -> "TrainLoader":
@@ -172,6 +254,9 @@ def build_train_loader(args, env, path: str) -> "TrainLoader":
     sampler = EpochSampler(torch.utils.data.DistributedSampler(train_set, env.world_size, env.rank, shuffle=True,
                                                                seed=args.seed, drop_last=True))
     mean_std = MEAN_STD.get(args.dataset, IMAGENET_MEAN_STD)
+    # --compile compiles the augmentation too where it runs on a GPU (on a CPU compiling costs
+    # more than the batched ops it saves)
+    compiled = getattr(args, "compile", False) and dev.type == "cuda"
     if batched and resident:
         images, labels = resident_arrays(train_set)
         error = None
@@ -183,13 +268,23 @@ def build_train_loader(args, env, path: str) -> "TrainLoader":
             raise error or DataError("another rank's GPU has no room for the training set; see its error")
         source = ResidentImages(images.to(dev), labels.to(dev), sampler, batch)
         views = DeviceAugmented(source, sampler, dev, args.image_size, args.crop_min, mean_std, args.seed,
-                                env.rank, crop=True, batch=batch)
+                                env.rank, crop=True, batch=batch, compiled=compiled)
         return TrainLoader(views, sampler, batch)
+    prefetch, error = None, None
+    if args.workers > 0:  # every rank on the node shares /dev/shm; all ranks must agree to go on
+        try:
+            prefetch = shm_prefetch(worker_batch_bytes(batch, args.image_size, batched), args.workers,
+                                    int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))
+        except DataError as e:
+            error = e
+        if not all_ok(error is None, dev):
+            raise error or DataError(f"another rank's {SHM} is too small for its workers; see its error")
     loader = torch.utils.data.DataLoader(SeededItems(train_set, args.seed), batch, sampler=EpochItems(sampler),
                                          num_workers=args.workers, pin_memory=dev.type == "cuda", drop_last=True,
-                                         worker_init_fn=ignore_sigterm, persistent_workers=args.workers > 0)
+                                         worker_init_fn=ignore_sigterm, persistent_workers=args.workers > 0,
+                                         prefetch_factor=prefetch)
     views = DeviceAugmented(loader, sampler, dev, args.image_size, args.crop_min, mean_std, args.seed, env.rank,
-                            crop=False, batch=batch) if batched else PILBatches(loader, dev)
+                            crop=False, batch=batch, compiled=compiled) if batched else PILBatches(loader, dev)
     return TrainLoader(views, sampler, batch, skipping, loader)
 
 
@@ -238,7 +333,13 @@ class TrainLoader:
         return self.skipping.skipped.value if self.skipping is not None else 0
 
     def __iter__(self):
-        return iter(self.batches)
+        try:
+            yield from self.batches
+        except RuntimeError as e:  # torch: "DataLoader worker (pid N) is killed by signal: Bus error. ..."
+            if "Bus error" in str(e) or "shared memory" in str(e):
+                raise DataError(f"a DataLoader worker ran out of shared memory ({SHM}); give the container more "
+                                f"(docker run --shm-size=16g or more, or --ipc=host) or use fewer --workers") from None
+            raise
 
     def close(self) -> None:
         """End the persistent DataLoader workers now. They ignore SIGTERM (data.ignore_sigterm),
