@@ -47,7 +47,6 @@ import train
 from checkpoint import ConfigError
 from cli import nonneg_int, positive_int
 from loaders import AUGMENT_DEVICES
-from lars import LARS, param_groups
 from loss import info_nce, snclr_loss
 from memory_queue import MemoryQueue
 from model import ARCHS, RESNETS, STEMS, VITS, SNCLR
@@ -169,17 +168,9 @@ def as_train_runs(model, x1, x2, args, device):
 
 
 def recipe_optimizer(model, arch: str):
-    """The optimiser train.py uses for arch with its recipe's defaults (train.RECIPES): LARS over
-    lars.param_groups (weights decayed and adapted, biases and norms neither) for ResNets, AdamW
-    over every parameter for ViTs. The same rule as train.py's optimiser builder, restated here so
-    that the benchmark times the step train.py runs (SGD, which it timed before, costs ~1/8 of
-    LARS's operators) whatever module that builder lives in."""
-    recipe = train.RECIPES["vit" if arch in VITS else "resnet"]
-    if recipe["optimizer"] == "adamw":
-        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe["lr"],
-                                 weight_decay=recipe["weight_decay"])
-    return LARS(param_groups(model, recipe["weight_decay"]), lr=recipe["lr"], weight_decay=recipe["weight_decay"],
-                momentum=0.9)
+    """The optimiser train.py builds for arch with its recipe's defaults: LARS for ResNets, AdamW
+    for ViTs (SGD, which this benchmark timed before, costs ~1/8 of LARS's operators)."""
+    return train.build_optimizer(model, options.parse_args(["--arch", arch]))
 
 
 def step_times(model, x1, x2, args, device):

@@ -74,23 +74,6 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-@torch.no_grad()
-def average_batchnorm_stats(model: torch.nn.Module) -> None:
-    """Average BatchNorm running statistics over ranks (in place).
-
-    With plain BatchNorm each rank tracks statistics of its own sub-batches; training uses batch
-    statistics and does not care, but evaluation and the checkpoint need one set. With
-    batch_norm.GlobalBatchNorm the ranks agree already (up to rounding) and this changes nothing.
-    """
-    if world_size() == 1:
-        return
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-            for buf in (m.running_mean, m.running_var):
-                dist.all_reduce(buf)
-                buf.div_(world_size())
-
-
 def all_ok(ok: bool, device: torch.device = torch.device("cpu")) -> bool:
     """True on every rank iff `ok` is True on every rank (so a failure on one rank, e.g. rank 0
     failing to save, stops all of them instead of leaving the others waiting in a collective).
@@ -170,9 +153,8 @@ def cleanup() -> None:
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
     """DDP for gradient averaging only. No buffer broadcast before each forward: the queue
-    (65536 x 256 floats) is identical on every rank by construction, and so are the BatchNorm
-    statistics with batch_norm.GlobalBatchNorm (plain BatchNorm statistics are averaged once per
-    epoch, average_batchnorm_stats). Newer PyTorch renamed the option."""
+    (65536 x 256 floats) is identical on every rank by construction, and so are the batch-norm
+    statistics (batch_norm.GlobalBatchNorm). Newer PyTorch renamed the option."""
     option = "forward_sync_buffers" if "forward_sync_buffers" in \
         inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers"
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,

@@ -73,7 +73,10 @@ def get_args_parser() -> argparse.ArgumentParser:
       "parameter (MoCo v3's ViT recipe)")
     a("--amp", default="bf16", choices=("bf16", "fp16", "none"), help="mixed precision on CUDA (CPU runs fp32)")
     a("--compile", action="store_true", help="torch.compile the two backbones (the GPU recipes use it; "
-      "the first steps are slow while it compiles)")
+      "the first steps are slow while it compiles) and, on CUDA, the batched augmentation")
+    a("--compile-mode", default="default", choices=("default", "reduce-overhead"), help="with --compile: "
+      "reduce-overhead replays the compiled backbones as CUDA graphs (fewer kernel launches, for small "
+      "images such as the Fashion-MNIST demo on the resident data path; one process)")
     # data
     a("--dataset", default="imagenet", choices=DATASETS, help="imagenet and folder read DATA_PATH/train "
       "and DATA_PATH/val; cifar downloads when a network exists; fake needs no data")
@@ -148,6 +151,11 @@ def check_args(args, env) -> None:
                           f"(--batch-size {args.batch_size})")
     if args.momentum > 1 or args.crop_min > 1:
         raise ConfigError(f"--momentum ({args.momentum}) and --crop-min ({args.crop_min}) must be at most 1")
+    if args.compile_mode != "default" and not args.compile:
+        raise ConfigError(f"--compile-mode {args.compile_mode} applies with --compile; add --compile or drop it")
+    if args.compile_mode == "reduce-overhead" and env.world_size > 1:
+        raise ConfigError(f"--compile-mode reduce-overhead is for one process, not {env.world_size}; use "
+                          f"--compile-mode default")
     if args.positiveness_t != 1.0 and args.positiveness != "cosine":
         raise ConfigError(f"--positiveness-t applies to --positiveness cosine, not {args.positiveness}")
     if args.learn_gamma and args.positiveness != "attention":

@@ -17,12 +17,12 @@ import sys
 import threading
 
 import torch
-import torch.nn as nn
 
 import cli
 import distributed
 from checkpoint import (ConfigError, RunLock, append_json, check_output_dir, check_resume, load_checkpoint,
                         load_state, prepare_output_dir, save_checkpoint)
+from batch_norm import convert_to_global_batch_norm
 from data import DataError
 from knn import knn_accuracy
 from loaders import build_knn_sets, build_train_loader, prepare_dataset
@@ -110,7 +110,7 @@ class Run:
         self.end = min(args.epochs, args.stop_after_epoch or args.epochs)
         self.baseline = ckpt.get("knn_random_init") if ckpt else None
         self.labelled = num_classes > 1  # one class: no labels to compare neighbors with
-        self.stopper = distributed.StopAgreement(env.stop)
+        self.stopper = distributed.StopAgreement(env.stop, env.device)
         self.log_path = os.path.join(args.output_dir, "log.txt")
         self.save_path = os.path.join(args.output_dir, "checkpoint.pth")
         self.lock = None
@@ -197,7 +197,6 @@ class Run:
         stop now (a signal), else None."""
         env, args = self.env, self.args
         self.start_it = 0
-        distributed.average_batchnorm_stats(self.model)  # CPU ranks: one set of statistics to eval and save
         if stopped and it < self.loader.steps:
             self.save(epoch, it)
             return preempted(env, f"at epoch {epoch + 1}, iteration {it}; saved {self.save_path}")
@@ -239,8 +238,8 @@ def setup(args, env, build_optimizer) -> Run:
         scaler = torch.amp.GradScaler(env.device.type, enabled=env.device.type == "cuda" and args.amp == "fp16")
         start = restore(ckpt, ckpt_path, model, optimizer, scaler) if ckpt else (0, 0)
         if args.compile:  # in place: the state dict keeps its keys
-            model.backbone.compile()
-            model.momentum_backbone.compile()
+            model.backbone.compile(mode=args.compile_mode)
+            model.momentum_backbone.compile(mode=args.compile_mode)
         run = Run(args, env, loader, knn_sets, num_classes, model, optimizer, scaler, ckpt, start)
         run.open_output(changes)
         return run
@@ -266,8 +265,8 @@ def build_run_model(args, env):
         model = build_model(vars(args)).to(env.device)
     except ValueError as e:  # e.g. a ViT patch size that does not divide the image size
         raise ConfigError(str(e)) from None
-    if env.world_size > 1 and env.device.type == "cuda":  # SyncBatchNorm is CUDA-only in PyTorch
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if env.world_size > 1:  # the global batch's statistics, CPU (gloo) and GPU (nccl) alike
+        model = convert_to_global_batch_norm(model)
     if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
         if args.arch in RESNETS:

@@ -12,12 +12,11 @@ from conftest import TINY, free_port, _CountingFlatten, _knn_sets
 
 
 # -------------------------------------------------------------- 2 processes ---
-def _frozen_model_and_batch():
-    """A tiny SNCLR with a full queue (so the first step uses K = 2 neighbours), in eval mode:
-    BatchNorm then uses running statistics, so each image's loss term does not depend on how
-    the global batch is split over ranks. Returns the model and a global batch of 8 image pairs."""
+def _model_and_batch():
+    """A tiny SNCLR in training mode with a full queue (so the first step uses K = 2 neighbors)
+    and a global batch of 8 image pairs."""
     torch.manual_seed(0)
-    m = SNCLR("resnet18", **TINY, num_neighbors=2, queue_size=32).eval()
+    m = SNCLR("resnet18", **TINY, num_neighbors=2, queue_size=32)
     m.queue.enqueue(torch.randn(32, TINY["dim"]))
     return m, torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
 
@@ -27,47 +26,51 @@ def _two_rank_worker(rank, port, out_dir):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     distributed.init_distributed("cpu")
+    from batch_norm import convert_to_global_batch_norm
     from distributed import wrap_ddp
+    from neighbor_monitor import NeighborQuality
     from train import train_step
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    # (1) train_step's loss, averaged over ranks = its loss on the concatenated batch in one process
-    m, x1, x2 = _frozen_model_and_batch()
+    # (1) one step in training mode, each rank 4 of the 8 pairs, batch norm over the global batch
+    # (as train.py runs several processes): the same step as one process on all 8
+    m, x1, x2 = _model_and_batch()
+    m = convert_to_global_batch_norm(m)
     mine = slice(4 * rank, 4 * rank + 4)
-    opt = torch.optim.SGD(m.parameters(), lr=0.0)
-    loss, *_ = train_step(m, wrap_ddp(m, torch.device("cpu")), x1[mine], x2[mine], opt, scaler, 0.99, rank)
-    mean = distributed.all_reduce_sum(loss) / 2
-    # (2) real DDP steps in training mode: the queues (and weights) stay identical on both ranks
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    loss, _ = train_step(m, wrap_ddp(m, torch.device("cpu")), x1[mine], x2[mine], opt, scaler, 0.99, rank)
+    mean, one_step = distributed.all_reduce_sum(loss) / 2, m.state_dict()
+    # (2) real DDP steps: the queues, weights and batch-norm statistics stay identical on both ranks
     torch.manual_seed(0)
-    m = SNCLR("resnet18", **TINY, num_neighbors=2, queue_size=32)
+    m = convert_to_global_batch_norm(SNCLR("resnet18", **TINY, num_neighbors=2, queue_size=32))
     ddp = wrap_ddp(m, torch.device("cpu"))
     opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
     torch.manual_seed(100 + rank)  # each rank sees different images
-    from neighbour_monitor import NeighbourQuality
-    quality = NeighbourQuality(torch.device("cpu"), sample_rows=2)
+    quality = NeighborQuality(torch.device("cpu"), sample_rows=2)
     for _ in range(3):
         labels = torch.randint(0, 3, (4,))
         train_step(m, ddp, torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), opt, scaler, 0.99, rank,
                    labels=labels, quality=quality)
-    distributed.average_batchnorm_stats(m)
-    torch.save({"mean": mean, "state": m.state_dict(), "quality": quality.summary()},
+    torch.save({"mean": mean, "one_step": one_step, "state": m.state_dict(), "quality": quality.summary()},
                os.path.join(out_dir, f"rank{rank}.pt"))
     distributed.cleanup()
 
 
-def test_two_process_gloo(tmp_path):
+def test_two_process_gloo_step_equals_one_process_and_ranks_agree(tmp_path):
     from train import train_step
     mp.spawn(_two_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
-    m, x1, x2 = _frozen_model_and_batch()  # the same step in this single process, on all 8 pairs
-    single, *_ = train_step(m, m, x1, x2, torch.optim.SGD(m.parameters(), lr=0.0),
-                              torch.amp.GradScaler("cpu", enabled=False), 0.99)
+    m, x1, x2 = _model_and_batch()  # the same step in this single process, on all 8 pairs
+    single, _ = train_step(m, m, x1, x2, torch.optim.SGD(m.parameters(), lr=0.1),
+                           torch.amp.GradScaler("cpu", enabled=False), 0.99)
     for r in (r0, r1):
         assert r["mean"].item() == pytest.approx(single.item(), rel=1e-5)
+        for key, value in m.state_dict().items():  # weights, EMA, queue, batch-norm statistics
+            assert torch.allclose(r["one_step"][key].float(), value.float(), atol=1e-5), key
     assert int(r0["state"]["queue.filled"]) == 3 * 8  # 3 steps x global batch 8
     assert (r0["state"]["queue.labels"][:24] >= 0).all()  # both ranks' labels, gathered beside the keys
     assert r0["quality"] == r1["quality"] and 0 <= r0["quality"]["nn_agree"] <= 1  # summed over ranks
     assert r0["state"].keys() == r1["state"].keys()
-    for key in r0["state"]:  # weights (DDP), queue (same gathered keys), BN statistics (averaged)
+    for key in r0["state"]:  # weights (DDP), queue (same gathered keys), batch-norm statistics (global)
         assert torch.allclose(r0["state"][key].float(), r1["state"][key].float(), atol=1e-6), key
 
 

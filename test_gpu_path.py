@@ -1,10 +1,9 @@
 """Tests of the GPU path, runnable on the CPU where they can be: batch norm over the global batch
-(two gloo processes against nn.BatchNorm on the concatenated batch), LARS on all parameters at
-once against its per-parameter formula, the loader's device-side pieces, the /dev/shm check;
+(two gloo processes against nn.BatchNorm on the concatenated batch), the loader's device-side
+pieces, the /dev/shm check, the stop agreement, the limited and compiled augmentation;
 and, only where CUDA is present, the training step under torch.cuda.set_sync_debug_mode("error").
 `pytest test_gpu_path.py`."""
 import os
-import socket
 
 import pytest
 import torch
@@ -12,15 +11,9 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from batch_norm import GlobalBatchNorm, convert_to_global_batch_norm
+from conftest import free_port
 
-BN_TOL = 1e-6     # the issue's bound for float64: every difference here is ~1e-15 rounding
-LARS_TOL = 1e-12  # float64: the foreach LARS and the loop differ by rounding only
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+BN_TOL = 1e-6     # float64: every difference here is ~1e-15 rounding
 
 
 def join_gloo(rank: int, world: int, port: int) -> None:
@@ -163,69 +156,6 @@ def test_conversion_keeps_the_state_dict_and_one_process_is_plain_batch_norm():
         GlobalBatchNorm(3)(torch.zeros(3))
 
 
-# ----------------------------------------------------------------------- LARS, foreach ---
-def loop_lars(params, grads, velocity, lr, wd, mu, eta, adapt):
-    """lars.py's docstring formula, one parameter at a time, in place on params / velocity."""
-    for i, (p, g) in enumerate(zip(params, grads)):
-        if g is None:
-            continue
-        u = g + wd * p
-        if adapt:
-            p_norm, u_norm = p.norm(), u.norm()
-            u = u * (eta * p_norm / u_norm if p_norm > 0 and u_norm > 0 else 1.0)
-        velocity[i] = mu * velocity[i] + u
-        params[i] = p - lr * velocity[i]
-
-
-def test_foreach_lars_equals_the_per_parameter_formula_in_float64():
-    """Four steps of LARS on two groups (decayed + adapted, and neither) against loop_lars, in
-    float64 to 1e-12: with a zero parameter (ratio 1), a zero gradient and zero decay (ratio 1),
-    a parameter without gradient (skipped: unchanged, no momentum state), lr and momentum
-    changed between steps as train.py's schedule changes lr."""
-    from lars import LARS
-    g = torch.Generator().manual_seed(3)
-    shapes = [(4, 3, 3, 3), (5, 4), (6, 5), (7,), (5,), (2, 2)]
-    params = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in shapes]
-    with torch.no_grad():
-        params[1].zero_()                                     # a zero weight: ||p|| = 0
-    decayed, plain = params[:3] + [params[5]], params[3:5]
-    opt = LARS([{"params": decayed, "weight_decay": 0.1, "lars_adapt": True},
-                {"params": plain, "weight_decay": 0.0, "lars_adapt": False}], momentum=0.9, trust_coefficient=0.02)
-    ref = [p.detach().clone() for p in params]
-    velocity = [torch.zeros_like(p) for p in params]
-    for step in range(4):
-        lr = 0.5 + 0.25 * step
-        grads = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
-        grads[2] = torch.zeros_like(grads[2])                 # a zero gradient (and u = wd p != 0)
-        grads[5] = None                                       # no gradient: skipped
-        for group in opt.param_groups:
-            group["lr"], group["momentum"] = lr, 0.9 - 0.1 * step
-        for p, grad in zip(params, grads):
-            p.grad = grad
-        opt.step()
-        ids = {id(p): i for i, p in enumerate(params)}
-        for group, (wd, adapt) in zip(opt.param_groups, ((0.1, True), (0.0, False))):
-            idx = [ids[id(p)] for p in group["params"]]
-            sub_p, sub_v = [ref[i] for i in idx], [velocity[i] for i in idx]
-            loop_lars(sub_p, [grads[i] for i in idx], sub_v, lr, wd, 0.9 - 0.1 * step, 0.02, adapt)
-            for j, i in enumerate(idx):
-                ref[i], velocity[i] = sub_p[j], sub_v[j]
-        for i, p in enumerate(params):
-            assert torch.allclose(p.detach(), ref[i], rtol=0, atol=LARS_TOL), (step, i)
-    assert params[5] not in opt.state                         # never had a gradient: no buffer
-    assert torch.equal(params[5].detach(), ref[5])
-
-
-def test_foreach_lars_with_a_zero_update_keeps_the_parameter():
-    """u = 0 (zero gradient, no decay, adapted): ratio 1, v = mu v, no NaN from 0 / 0."""
-    from lars import LARS
-    p = torch.nn.Parameter(torch.ones(3, 2, dtype=torch.float64))
-    opt = LARS([{"params": [p], "weight_decay": 0.0, "lars_adapt": True}], lr=1.0, momentum=0.9)
-    p.grad = torch.zeros_like(p)
-    opt.step()
-    assert torch.equal(p.detach(), torch.ones(3, 2, dtype=torch.float64))
-
-
 # ------------------------------------------------------------------- loaders, /dev/shm ---
 class FakeStatvfs:
     def __init__(self, free_bytes):
@@ -239,7 +169,7 @@ def test_prefetch_is_sized_from_dev_shm_and_too_little_is_one_error_line(monkeyp
     from data import DataError
     from loaders import shm_prefetch, worker_batch_bytes
     imagenet = worker_batch_bytes(512, 224, batched=True)
-    assert imagenet == 512 * (2 * 3 * 224 * 224 + 8)                      # 154 MB: the issue's figure
+    assert imagenet == 512 * (2 * 3 * 224 * 224 + 8)                      # 154 MB per rank-batch
     monkeypatch.setattr(os, "statvfs", lambda path: FakeStatvfs(64 * 2**30))
     assert shm_prefetch(imagenet, 12, 8) == 2                             # 8 x 12 x 2 x 154 MB = 30 GB
     monkeypatch.setattr(os, "statvfs", lambda path: FakeStatvfs(40 * 2**30))
@@ -357,6 +287,7 @@ def test_the_training_step_train_py_runs_never_waits_for_the_gpu(compiled):
     NeighbourQuality.update."""
     import augment
     import distributed
+    import options
     import train
     from batch_norm import convert_to_global_batch_norm
     from lars import LARS, param_groups
@@ -379,8 +310,8 @@ def test_the_training_step_train_py_runs_never_waits_for_the_gpu(compiled):
         optimizers = {"lars": LARS(param_groups(model, 1e-6), weight_decay=1e-6, momentum=0.9),
                       "adamw": torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.1)}
         scaler = torch.amp.GradScaler("cuda", enabled=False)
-        args = train.resolve_args(train.get_args_parser().parse_args(
-            ["--dataset", "fake", "--arch", "resnet18", "--batch-size", str(batch), "--epochs", "1"]))
+        args = options.parse_args(["--dataset", "fake", "--arch", "resnet18", "--batch-size", str(batch),
+                                   "--epochs", "1"])
         env = distributed.Env(0, 1, dev)
         big, g = torch.randint(0, 256, (16, 3, 96, 96), dtype=torch.uint8, device=dev), torch.Generator(device=dev)
         assert augment.blur_capacity(16, augment.VIEW2["blur_p"]) < 16
@@ -397,10 +328,9 @@ def test_the_training_step_train_py_runs_never_waits_for_the_gpu(compiled):
                         for (x1, x2), y in views:
                             x1 = x1.contiguous(memory_format=torch.channels_last)
                             x2 = x2.contiguous(memory_format=torch.channels_last)
-                            loss, w, same, _ = train.train_step(model, ddp, x1, x2, optimizer, scaler, 0.99, 0,
-                                                                torch.autocast("cuda", torch.bfloat16), y)
-                            progress.add(loss, w, None, 0.0)
-                            quality.update(w, same)
+                            loss, w = train.train_step(model, ddp, x1, x2, optimizer, scaler, 0.99, 0,
+                                                       torch.autocast("cuda", torch.bfloat16), y, quality)
+                            progress.add(loss, w, 0.0)
                         g.manual_seed(epoch)  # 96 px crops: view 2 blurs its 12 of 16 (blur_some's gather)
                         augment.two_views([big, big], 96, 0.2, (0.5,) * 3, (0.25,) * 3, g, crop=False,
                                           compiled=compiled)

@@ -404,46 +404,6 @@ def test_a_resident_set_too_large_for_the_gpu_is_refused_with_the_option_to_use(
     check_fits(torch.zeros(2 * 2**20, dtype=torch.uint8), torch.device("cpu"))           # host memory: no check
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="checks CUDA synchronisation: needs a GPU")
-def test_train_step_and_batched_views_never_wait_for_the_gpu():
-    """torch.cuda.set_sync_debug_mode("error") raises at any host-device synchronisation
-    (.item(), nonzero, a blocking copy): none in the batched path (resident images, crop and
-    crop-free views with blur), train_step, Progress.add or NeighbourQuality.update."""
-    import augment
-    from data import EpochSampler
-    from loaders import DeviceAugmented, ResidentImages
-    from neighbour_monitor import NeighbourQuality
-    from progress import Progress
-    from train import train_step
-    dev = torch.device("cuda")
-    torch.manual_seed(0)
-    m = SNCLR("resnet18", 32, dim=16, mlp_dim=32, num_neighbors=2, queue_size=64).to(dev)
-    m.queue.enqueue(torch.randn(64, 16, device=dev), torch.randint(0, 10, (64,), device=dev))
-    opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
-    images, labels = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device=dev), \
-        torch.randint(0, 10, (64,), device=dev)
-    sampler = EpochSampler(torch.utils.data.DistributedSampler(range(64), 1, 0, seed=0, drop_last=True))
-    views = DeviceAugmented(ResidentImages(images, labels, sampler, 16), sampler, dev, 32, 0.2,
-                            ((0.5,) * 3, (0.25,) * 3), 0, 0, crop=True, batch=16)
-    args = options.parse_args(SMOKE)
-    env = distributed.Env(0, 1, dev)
-    progress, quality = Progress(args, env, 0, 0, 4), NeighbourQuality(dev)
-    big = torch.randint(0, 256, (4, 3, 96, 96), dtype=torch.uint8, device=dev)
-    g = torch.Generator(device=dev)
-    for strict in (False, True):                           # a warm-up pass first (cuDNN, allocator)
-        sampler.set_epoch(int(strict))
-        torch.cuda.set_sync_debug_mode("error" if strict else "default")
-        try:
-            for (x1, x2), y in views:                       # the epoch's order: one copy before the loop
-                loss, w = train_step(m, m, x1, x2, opt, scaler, 0.99, labels=y, quality=quality)
-                progress.add(loss, w, 0.0)
-            g.manual_seed(1)
-            augment.two_views([big, big], 96, 0.2, (0.5,) * 3, (0.25,) * 3, g, crop=False)  # with blur
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-
-
 def test_pil_path_batches_do_not_depend_on_the_number_of_workers():
     from loaders import build_train_loader
     batches = []

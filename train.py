@@ -113,6 +113,8 @@ def train_one_epoch(run: run_control.Run, epoch: int):
             group["lr"] = lr
         if channels_last:
             x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
+        if args.compile_mode == "reduce-overhead":  # CUDA graphs may reuse the last step's outputs now
+            torch.compiler.cudagraph_mark_step_begin()
         loss, w = train_step(run.model, run.ddp_model, x1, x2, run.optimizer, run.scaler, m, env.rank, autocast,
                              y if run.labelled else None, quality if run.labelled else None)
         it += 1
