@@ -33,33 +33,71 @@ def state_bytes(state) -> int:
     return 0
 
 
-def save_checkpoint(path: str, state: dict) -> None:
-    """Plain tensors and dicts (loadable with weights_only=True), written atomically: to
-    PATH.tmp, flushed to the disk, then renamed, so a crash or a full disk never leaves a
-    truncated PATH behind.
+def size_text(n: int) -> str:
+    """A byte count for a message: MiB from 1 MiB on, KiB from 1 KiB on, else bytes."""
+    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.0f} {unit}"
+    return f"{n} bytes"
 
-    torch.save is given an open file rather than a name: its own writer reports a full disk as
-    "inline_container ... unexpected pos", while Python's file reports ENOSPC. A failed write
-    removes PATH.tmp and raises one ConfigError line; a full disk says so and how much room the
-    save needs (the previous checkpoint stays until the new one is complete).
-    """
+
+def is_full_disk(error: BaseException) -> bool:
+    """Whether a failed write ran out of room (ENOSPC, or EDQUOT: the user's quota). torch.save
+    reports it as its own "[enforce fail at inline_container.cc...] unexpected pos" RuntimeError,
+    raised while the file's OSError is being handled: so the whole chain is looked at."""
+    while error is not None:
+        if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def write_error(path: str, error: BaseException, need: int, advice: str, replacing: bool = False) -> ConfigError:
+    """The one line for a write to path that failed. A full disk says how much room the write
+    needs (replacing: beside the previous file, which stays until the new one is complete) and
+    advice, what to do then."""
+    if not is_full_disk(error):
+        return ConfigError(f"cannot write {path}: {' '.join(str(error).split())}")
+    folder, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    beside = f" beside the previous {name}" if replacing and os.path.exists(path) else ""
+    return ConfigError(f"no space left on {folder}: saving {name} needs about {size_text(need)} free{beside}, "
+                       f"{size_text(shutil.disk_usage(folder).free)} are; {advice}")
+
+
+def write_atomically(path: str, write, need: int, advice: str) -> None:
+    """write(file) into PATH.tmp, flushed to the disk, then renamed to PATH: a crash or a full
+    disk never leaves a truncated PATH behind. A failure removes PATH.tmp and raises one
+    ConfigError line (write_error). need: about the bytes written, for the full-disk message."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         if os.path.lexists(tmp):
             os.remove(tmp)
-        folder = os.path.dirname(os.path.abspath(path))
-        if getattr(e, "errno", None) == errno.ENOSPC:
-            need, free = state_bytes(state), shutil.disk_usage(folder).free
-            raise ConfigError(f"no space left on {folder}: saving {os.path.basename(path)} needs about "
-                              f"{need / 2**20:.0f} MiB free beside the previous checkpoint, "
-                              f"{free / 2**20:.0f} MiB are; free some space and rerun to resume") from None
-        raise ConfigError(f"cannot write {path}: {' '.join(str(e).split())}") from None
+        raise write_error(path, e, need, advice, replacing=True) from None
+
+
+def save_checkpoint(path: str, state: dict, advice: str = "free some space and rerun to resume") -> None:
+    """Plain tensors and dicts (loadable with weights_only=True), written atomically
+    (write_atomically).
+
+    torch.save is given an open file rather than a name: its own writer reports a full disk as
+    "inline_container ... unexpected pos" without the cause, while Python's file raises ENOSPC,
+    which is_full_disk finds. advice: what a full disk's message tells to do (an export has
+    nothing to resume).
+    """
+    write_atomically(path, lambda f: torch.save(state, f), state_bytes(state), advice)
+
+
+def write_json(path: str, obj, advice: str = "free some space and rerun") -> None:
+    """obj as indented JSON, written atomically (write_atomically): a full disk leaves the
+    previous file, or none, never an empty or cut one; one ConfigError line instead."""
+    text = (json.dumps(obj, indent=2) + "\n").encode()
+    write_atomically(path, lambda f: f.write(text), len(text), advice)
 
 
 def load_checkpoint(path: str, expect: dict = None, required=("model", "optimizer", "epoch", "args")) -> dict:
@@ -157,23 +195,31 @@ def check_resume(ckpt: dict, path: str, args: dict, runtime: dict, allow: bool) 
 class RunLock:
     """An exclusive lock on OUTPUT/.lock held for the life of a run, so a second run on the same
     folder is refused instead of interleaving log.txt and checkpoint.pth.tmp. It is an flock:
-    the operating system releases it when the process ends, even after a crash or kill -9."""
+    the operating system releases it when the process ends, even after a crash or kill -9.
+    The file holds the owner's pid and what it runs (`what`: training, evaluation), for the
+    message of the run that is refused."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, what: str = "training"):
         self.path = os.path.join(folder, ".lock")
+        created = not os.path.lexists(self.path)
         self.file = open(self.path, "a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.file.seek(0)
-            owner = self.file.read().strip() or "another process"
+            pid, _, owner = self.file.read().strip().partition(" ")
             self.file.close()
-            raise ConfigError(f"{folder} is in use by a running training (pid {owner}); wait for it, "
-                              f"stop it, or choose another --output-dir") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(str(os.getpid()))
-        self.file.flush()
+            raise ConfigError(f"{folder} is in use by a running {owner or 'training'} (pid {pid or 'unknown'}); "
+                              f"wait for it, stop it, or choose another --output-dir") from None
+        owner = f"{os.getpid()} {what}".encode()
+        try:  # unbuffered: nothing is left to fail again when the file is closed
+            os.ftruncate(self.file.fileno(), 0)
+            os.write(self.file.fileno(), owner)
+        except OSError as e:  # a full disk: the lock is not needed to report it, nor left behind
+            if created:
+                os.remove(self.path)
+            self.release()
+            raise write_error(self.path, e, len(owner), "free some space and rerun") from None
 
     def release(self) -> None:
         if not self.file.closed:
@@ -199,9 +245,23 @@ def prepare_output_dir(folder: str) -> None:
     check_output_dir(folder)
 
 
-def append_json(path: str, entry: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(entry) + "\n")
+def append_json(path: str, entry: dict, advice: str = "free some space and rerun") -> None:
+    """entry as one JSON line at the end of path. A failed write (a full disk) cuts the file
+    back to its previous end, so no half line is left, and raises one ConfigError line."""
+    line, existed = (json.dumps(entry) + "\n").encode(), os.path.lexists(path)
+    try:
+        with open(path, "ab") as f:
+            end = f.seek(0, os.SEEK_END)
+            try:
+                f.write(line)
+                f.flush()
+            except OSError:
+                os.ftruncate(f.fileno(), end)
+                raise
+    except OSError as e:
+        if not existed and os.path.isfile(path):  # no empty file left behind either
+            os.remove(path)
+        raise write_error(path, e, len(line), advice) from None
 
 
 def read_log(path: str) -> list[dict]:

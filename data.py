@@ -8,6 +8,7 @@ the IDX files, .gz or not, so Debian's `dataset-fashion-mnist` package works off
 The PIL transforms here are the readable reference of the augmentations and the CPU default;
 augment.py holds the same ops batched on the device, and loaders.py chooses between them.
 """
+import contextlib
 import gzip
 import itertools
 import multiprocessing
@@ -264,6 +265,23 @@ def ignore_sigterm(_worker_id: int) -> None:
     """DataLoader workers ignore SIGTERM: torchrun signals the whole process group, and a dead
     worker would crash the main process before it can save."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def closing_workers(loader):
+    """`with closing_workers(loader) as batches:` iterates the loader once, and every way out of
+    the block (the end, an error such as an unreadable image, a stop) ends its worker processes.
+
+    Why: workers that ignore SIGTERM (ignore_sigterm) outlive an error, and at exit Python's
+    multiprocessing sends its children SIGTERM and then waits for them: the process would print
+    its error line and never exit."""
+    iterator = iter(loader)
+    try:
+        yield iterator
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # the DataLoader's own; no public call
+        if shutdown is not None:                                 # (None with --workers 0)
+            shutdown()
 
 
 def fixed_subset(dataset, size: int, seed: int = 0, what: str = "--subset"):
