@@ -9,6 +9,7 @@ line naming what was expected.
 """
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -145,6 +146,17 @@ def checkpoint_data_path(ckpt_path: str, pre: dict, data_path=None, dataset=None
     return resolved
 
 
+def weights_digest(state: dict) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and values: the identity of a set of
+    weights, whichever file holds them (eval_linear.py resumes only on the same backbone)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def load_state(module, state: dict, what: str) -> None:
     """Strict load_state_dict whose failure is a one-line ConfigError."""
     try:
@@ -161,22 +173,23 @@ FREE_ON_RESUME = ("output_dir", "resume", "data_path", "workers", "print_freq", 
                   "strict_data")
 
 
-def changed_args(saved: dict, current: dict) -> list[str]:
-    """'name: saved -> current' for every option (outside FREE_ON_RESUME) that differs."""
+def changed_args(saved: dict, current: dict, free=FREE_ON_RESUME) -> list[str]:
+    """'name: saved -> current' for every option (outside free) that differs."""
     missing = "(absent)"
     return [f"{k}: {saved.get(k, missing)!r} -> {current.get(k, missing)!r}"
             for k in sorted(set(saved) | set(current))
-            if k not in FREE_ON_RESUME and saved.get(k, missing) != current.get(k, missing)]
+            if k not in free and saved.get(k, missing) != current.get(k, missing)]
 
 
-def check_resume(ckpt: dict, path: str, args: dict, runtime: dict, allow: bool) -> list[str]:
+def check_resume(ckpt: dict, path: str, args: dict, runtime: dict, allow: bool, free=FREE_ON_RESUME) -> list[str]:
     """Refuse (ConfigError) a resume that would silently change the run; return the accepted
     differences (allow=True) so the caller can print and log them.
 
     runtime: the world size and what the run resolved on its machine (device type, augmentation
     path; older checkpoints hold only the world size), compared like the options. A mid-epoch resume
     with another global batch or world size is refused even with allow: it would skip the
-    wrong samples of the interrupted epoch.
+    wrong samples of the interrupted epoch. free: the options that may change (eval_linear.py
+    has its own list: there --epochs sets the lr schedule).
     """
     saved = {"world_size": ckpt.get("world_size", runtime["world_size"]), **ckpt.get("runtime", {})}
     if ckpt.get("step_in_epoch", 0) and (ckpt["args"].get("batch_size") != args["batch_size"]
@@ -185,7 +198,7 @@ def check_resume(ckpt: dict, path: str, args: dict, runtime: dict, allow: bool) 
                           f"{ckpt['args'].get('batch_size')} on {saved['world_size']} processes; a mid-epoch "
                           f"resume needs the same batch size and number of processes (got {args['batch_size']} "
                           f"on {runtime['world_size']})")
-    diff = changed_args(ckpt["args"], args) + changed_args(saved, {k: runtime[k] for k in saved})
+    diff = changed_args(ckpt["args"], args, free) + changed_args(saved, {k: runtime[k] for k in saved}, free)
     if diff and not allow:
         raise ConfigError(f"{path} was written with other options: {'; '.join(diff)}. Rerun with the "
                           f"checkpoint's options, another --output-dir, or --allow-changed-args")
