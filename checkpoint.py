@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import warnings
+import zipfile
 
 import torch
 
@@ -101,6 +102,19 @@ def write_json(path: str, obj, advice: str = "free some space and rerun") -> Non
     write_atomically(path, lambda f: f.write(text), len(text), advice)
 
 
+LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950a86a20f9469cfc6c).to_bytes(10, "little")  # torch.save before 1.6
+
+
+def is_torch_file(path: str) -> bool:
+    """Whether path is in one of torch.save's formats: a zip archive, or the older format that
+    begins with a pickled magic number. Random bytes can read as pickle opcodes that the safe
+    loader refuses ("Unsupported operand"): they are still not a checkpoint."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(len(LEGACY_MAGIC)) == LEGACY_MAGIC
+
+
 def load_checkpoint(path: str, expect: dict = None, required=("model", "optimizer", "epoch", "args")) -> dict:
     """Read a checkpoint with weights_only=True; ConfigError with one clear line if it is unusable.
 
@@ -116,7 +130,7 @@ def load_checkpoint(path: str, expect: dict = None, required=("model", "optimize
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or a pickle of arbitrary objects
         # torch's message advises weights_only=False: unsafe, and never right for this project's files
-        unsafe = "Unsupported global" in str(e) or "Unsupported operand" in str(e)
+        unsafe = is_torch_file(path) and ("Unsupported global" in str(e) or "Unsupported operand" in str(e))
         reason = "it holds objects other than plain tensors and dicts" if unsafe else \
             "it is not a torch checkpoint file, or it is truncated"
         raise ConfigError(f"cannot read checkpoint {path}: {reason}; give a checkpoint.pth written by "
