@@ -42,7 +42,7 @@ import cli
 import data
 import distributed
 import train
-from checkpoint import ConfigError
+from checkpoint import ConfigError, check_writable_folder, write_json
 from cli import nonneg_int, positive_int
 from loaders import AUGMENT_DEVICES
 from loss import info_nce, snclr_loss
@@ -111,6 +111,10 @@ def check_args(p, args) -> None:
                 "for ResNets on CUDA by itself")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} is a file, not a folder")
+    try:  # before the benchmark's minutes: a folder that cannot be written would lose its figures
+        check_writable_folder(args.out, "--out")
+    except ConfigError as e:
+        p.error(str(e))
     if args.warmup is None:
         args.warmup = 5 if args.compile else 1
 
@@ -459,11 +463,16 @@ def main(argv=None):
         cli.fail(e)
     name = (f"bench_data_{env.device.type}" if args.data else f"bench_{env.device.type}_{args.arch}"
             + "_channels_last" * args.channels_last + "_compile" * args.compile)
-    os.makedirs(args.out, exist_ok=True)
+    print("\n".join(lines), flush=True)  # the figures first: a failed write below loses nothing
     path = os.path.join(args.out, name + ".json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print("\n".join(lines + [f"wrote {path}"]))
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        write_json(path, result, advice="the figures are printed above")
+    except OSError as e:
+        cli.fail(ConfigError(f"cannot create --out {args.out}: {e.strerror}"))
+    except ConfigError as e:
+        cli.fail(e)
+    print(f"wrote {path}")
     if args.data:  # the last line: one JSON object, for scripts
         print(json.dumps({k: v for k, v in result.items() if k != "args"}))
 

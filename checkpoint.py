@@ -7,12 +7,14 @@ train.py's checkpoint.pth holds {"model", "optimizer", "scaler", "epoch", "step_
 that is not such a file, is truncated, or describes another model fails with one ConfigError
 line naming what was expected.
 """
+import contextlib
 import errno
 import fcntl
 import hashlib
 import json
 import os
 import shutil
+import tempfile
 import warnings
 import zipfile
 
@@ -260,6 +262,27 @@ def check_output_dir(folder: str) -> None:
         raise ConfigError(f"--output-dir {folder} is a file, not a folder; choose another --output-dir")
     if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError(f"--output-dir {folder} is not writable; choose another --output-dir")
+
+
+def check_writable_folder(folder: str, option: str) -> None:
+    """ConfigError unless folder is, or can be created as, a folder that takes files. Tried for
+    real, since some file systems (/proc) refuse what their permissions promise, and left as it
+    was: the folders made for the try are removed again (a benchmark checks its --out before
+    its minutes of work, and writes only at the end)."""
+    made, at = [], os.path.abspath(folder)
+    while not os.path.lexists(at):  # innermost first
+        made.append(at)
+        at = os.path.dirname(at)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{option} {folder} cannot be written ({e.strerror}); choose another {option}") from None
+    finally:
+        for path in made:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
 
 
 def prepare_output_dir(folder: str) -> None:
