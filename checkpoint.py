@@ -300,11 +300,12 @@ def append_json(path: str, entry: dict, advice: str = "free some space and rerun
     back to its previous end, so no half line is left, and raises one ConfigError line."""
     line, existed = (json.dumps(entry) + "\n").encode(), os.path.lexists(path)
     try:
-        with open(path, "ab") as f:
+        with open(path, "ab", buffering=0) as f:  # unbuffered: nothing is retried when it is closed
             end = f.seek(0, os.SEEK_END)
             try:
-                f.write(line)
-                f.flush()
+                written = 0
+                while written < len(line):  # a raw write may take part of the line, then fail
+                    written += f.write(line[written:])
             except OSError:
                 os.ftruncate(f.fileno(), end)
                 raise

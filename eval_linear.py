@@ -310,16 +310,17 @@ def runtime(env) -> dict:
     return {"device": env.device.type}
 
 
-def resume_classifier(ckpt_path: str, source: dict, digest: str, args, env):
-    """The checkpoint of an interrupted probe or fine-tuning in the output folder, or None.
+def resume_classifier(ckpt_path: str, source: dict, digest: str, args, env) -> tuple:
+    """(the checkpoint of an interrupted probe or fine-tuning in the output folder, the option
+    changes it accepts), or (None, []). Checked before any work, and writes nothing.
 
     It is resumed only if it evaluates the same backbone weights (digest: the checkpoint may
     have been rewritten since, e.g. by a training that went on) with the same protocol and
-    options (checkpoint.check_resume's rule: differences are refused unless --allow-changed-args,
-    then printed and logged); otherwise one ConfigError line.
+    options (checkpoint.check_resume's rule: differences are refused unless --allow-changed-args);
+    otherwise one ConfigError line.
     """
     if not os.path.isfile(ckpt_path):
-        return None
+        return None, []
     ckpt = load_checkpoint(ckpt_path, required=("model", "optimizer", "epoch", "best_top1", "source"))
     if ckpt["source"] != source:
         raise ConfigError(f"{os.path.dirname(ckpt_path)} holds an evaluation of {ckpt['source']}, not of {source}; "
@@ -331,13 +332,16 @@ def resume_classifier(ckpt_path: str, source: dict, digest: str, args, env):
     ckpt.setdefault("args", {})  # written before the options were kept: every option counts as changed
     changes = check_resume(ckpt, ckpt_path, vars(args), {"world_size": env.world_size, **runtime(env)},
                            args.allow_changed_args, free=FREE_ON_RESUME)
-    if env.main:
-        for change in changes:
-            print(f"resumed with a changed option (--allow-changed-args): {change}")
-        if changes:
-            append_json(os.path.join(os.path.dirname(ckpt_path), "log.txt"),
-                        {"epoch": ckpt["epoch"] + 1, "changed_args": changes})
-    return ckpt
+    return ckpt, changes
+
+
+def log_changes(out_dir: str, epoch: int, changes: list) -> None:
+    """The option changes a resume accepted (--allow-changed-args), printed and logged with the
+    first epoch they apply to."""
+    for change in changes:
+        print(f"resumed with a changed option (--allow-changed-args): {change}")
+    if changes:
+        append_json(os.path.join(out_dir, "log.txt"), {"epoch": epoch, "changed_args": changes})
 
 
 def save_epoch(out_dir: str, state: dict, log: dict, is_best: bool) -> None:
@@ -370,12 +374,12 @@ def train_epoch(model, ddp, backbone, loader, opt, epoch: int, base_lr: float, a
 
 
 def train_classifier(backbone, dim, num_classes, train_set, test_set, args, env, base_lr, finetune, out_dir,
-                     source=None):
+                     source=None, resume=(None, [])):
     """Linear probe (frozen backbone) or fine-tuning (all weights) with resume and best-keeping.
 
     Returns (final top-1, final top-5, best top-1). Per-epoch lines go to out_dir/log.txt.
-    source describes the evaluation (checkpoint, its epoch, random init, mode, data set); a run in
-    out_dir is resumed only if it was the same one (resume_classifier).
+    source describes the evaluation (checkpoint, its epoch, random init, mode, data set); resume
+    is resume_classifier's answer for out_dir: the checkpoint to continue and its accepted changes.
     """
     torch.manual_seed(args.seed)
     model = nn.Sequential(backbone, linear_head(dim, num_classes)).to(env.device)
@@ -387,8 +391,9 @@ def train_classifier(backbone, dim, num_classes, train_set, test_set, args, env,
         groups.append({"params": backbone.parameters(), "lr_scale": args.backbone_lr_scale})
     opt = torch.optim.SGD(groups, lr=base_lr, momentum=0.9, weight_decay=args.weight_decay)
     start, best = 0, 0.0
-    ckpt = resume_classifier(os.path.join(out_dir, "checkpoint.pth"), source or {}, digest, args, env)
+    ckpt, changes = resume
     if ckpt is not None:
+        on_main(env, log_changes, out_dir, ckpt["epoch"] + 1, changes)
         load_state(model, ckpt["model"], f"evaluation checkpoint {out_dir}/checkpoint.pth")
         load_state(opt, ckpt["optimizer"], f"the optimizer state of {out_dir}/checkpoint.pth")
         start, best = ckpt["epoch"], ckpt["best_top1"]
@@ -493,7 +498,7 @@ def claim_output_dir(out_dir: str) -> RunLock:
     return RunLock(out_dir, "evaluation")
 
 
-def evaluate_backbone(backbone, dim, pre, args, env, out_dir: str, source: dict) -> dict:
+def evaluate_backbone(backbone, dim, pre, args, env, out_dir: str, source: dict, resume: tuple) -> dict:
     """The kNN, cached-feature probe, probe or fine-tuning figures as a results.txt entry,
     printed as one JSON line before it is appended to results.txt (a full disk loses nothing)."""
     train_set, test_set, num_classes = eval_sets(args, pre, augment=not (args.knn or args.cache_features))
@@ -516,7 +521,7 @@ def evaluate_backbone(backbone, dim, pre, args, env, out_dir: str, source: dict)
             on_main(env, write_lines, os.path.join(out_dir, "log.txt"), logs)
         else:
             top1, top5, best = train_classifier(backbone, dim, num_classes, train_set, test_set, args, env,
-                                                base_lr, args.train_percent is not None, out_dir, source)
+                                                base_lr, args.train_percent is not None, out_dir, source, resume)
             result.update(top1=top1, top5=top5, best_top1=best, epochs=args.epochs)
         report(env, result)
         on_main(env, append_json, os.path.join(out_dir, "results.txt"), result,
@@ -562,7 +567,9 @@ def run(args, env) -> dict:
     source = {"checkpoint": os.path.abspath(args.checkpoint), "pretrain_epoch": pre_epoch,
               "pretrain_step_in_epoch": pre_step, "random_init": args.random_init, "mode": mode,
               "dataset": args.dataset or pre["dataset"]}
-    return evaluate_backbone(backbone, dim, pre, args, env, out_dir, source)
+    resume = (None, []) if args.knn or args.cache_features else resume_classifier(
+        os.path.join(out_dir, "checkpoint.pth"), source, weights_digest(backbone.state_dict()), args, env)
+    return evaluate_backbone(backbone, dim, pre, args, env, out_dir, source, resume)
 
 
 def main(argv=None) -> dict:
