@@ -9,10 +9,13 @@
 Dataset, path, image size (and --fake-size) default to the checkpoint's. --knn also takes the
 checkpoint's kNN settings (k, T, the fixed bank / query subsets and their seed), so it gives
 exactly the figure train.py's monitor logged for the checkpoint's epoch. Runs under torchrun
-like train.py. Per-epoch JSON lines go to OUTPUT/log.txt, final results are appended to
-OUTPUT/results.txt, OUTPUT/checkpoint.pth resumes an interrupted run and OUTPUT/best.pth keeps
-the best classifier. Every option is checked, and the output folder or --export target too,
-before any work; a bad one ends with one `error:` line and nothing written.
+like train.py. Per-epoch JSON lines go to OUTPUT/log.txt, final results are printed and then
+appended to OUTPUT/results.txt, OUTPUT/checkpoint.pth resumes an interrupted run and
+OUTPUT/best.pth keeps the best classifier. A run is resumed only with the same backbone weights
+and options (train.py's rule: others are listed and refused unless --allow-changed-args), and a
+run lock keeps a second evaluation out of OUTPUT. Every option is checked, and the output folder
+or --export target too, before any work; a bad one ends with one `error:` line and nothing
+written.
 """
 import argparse
 import json
