@@ -94,9 +94,9 @@ def run(cmd: list, log_file=None) -> None:
 
 def probe(checkpoint: str, seed: int, args, *extra) -> list:
     """eval_linear.py's cached-feature linear probe (the Evaluation section of README.md)."""
-    return [sys.executable, os.path.join(HERE, "eval_linear.py"), checkpoint, "--cache-features", "--epochs", str(args.probe_epochs),
-            "--batch-size", "256", "--lr", "0.5", "--workers", "1", "--device", args.device, "--seed", str(seed),
-            *extra]
+    return [sys.executable, os.path.join(HERE, "eval_linear.py"), checkpoint, "--cache-features", "--epochs",
+            str(args.probe_epochs), "--batch-size", "256", "--lr", "0.5", "--workers", "1", "--device", args.device,
+            "--seed", str(seed), *extra]
 
 
 # Last-epoch figures of the neighbour-quality monitor carried into each row.

@@ -307,8 +307,9 @@ UNREADABLE = (OSError, SyntaxError, Image.DecompressionBombError)
 
 class SkipUnreadable(torch.utils.data.Dataset):
     """A dataset whose unreadable images (a truncated JPEG, a file that is not an image, one
-    over PIL's decompression-bomb limit) are replaced by the next readable one and counted, with a warning naming the file: ImageNet's
-    training set has a few such files, and one should not end a 300-epoch run. strict=True
+    over PIL's decompression-bomb limit) are replaced by the next readable one and counted,
+    with a warning naming the file: ImageNet's training set has a few such files, and one
+    should not end a 300-epoch run. strict=True
     (evaluation sets, or --strict-data) instead stops with a DataError naming the file.
 
     The count lives in shared memory, so increments made in DataLoader workers are seen here.

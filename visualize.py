@@ -26,8 +26,8 @@ from PIL import Image, ImageDraw
 import cli
 from checkpoint import ConfigError, checkpoint_data_path, load_checkpoint, load_state, read_log
 from cli import nonneg_int, positive_int
-from data import (IMAGENET_MEAN_STD, MEAN_STD, DataError, SkipUnreadable, build_dataset, closing_workers, eval_transform,
-                  fixed_subset)
+from data import (IMAGENET_MEAN_STD, MEAN_STD, DataError, SkipUnreadable, build_dataset, closing_workers,
+                  eval_transform, fixed_subset)
 from memory_queue import MemoryQueue
 from model import SNCLR, build_model
 from neighbour_monitor import auroc
