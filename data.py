@@ -1,9 +1,10 @@
 """Datasets and augmentations: the two asymmetric views of BYOL / MoCo v3 and the eval transforms.
 
 Datasets: cifar10, cifar100 (torchvision, downloaded when a network exists), imagenet and any
-`folder` (ImageFolder over DATA_PATH/train and DATA_PATH/val), fashion-mnist (read straight from
-the IDX files, .gz or not, so Debian's `dataset-fashion-mnist` package works offline) and `fake`
-(torchvision FakeData, for smoke tests).
+`folder` (ImageFolder over DATA_PATH/train and DATA_PATH/val, which must hold the same class
+folders), fashion-mnist (read straight from the IDX files, .gz or not, so Debian's
+`dataset-fashion-mnist` package works offline; without it torchvision downloads them where a
+network exists: fashion_mnist_root) and `fake` (torchvision FakeData, for smoke tests).
 
 The PIL transforms here are the readable reference of the augmentations and the CPU default;
 augment.py holds the same ops batched on the device, and loaders.py chooses between them.
@@ -205,11 +206,14 @@ def fashion_mnist_root(root, download: bool) -> str:
     """The folder that holds Fashion-MNIST's four IDX files (its raw/ or FashionMNIST/raw/ too).
 
     root given (--data-path): root, else torchvision downloads the files into root/FashionMNIST/raw
-    when download is True and a network exists. root None: Debian's folder (package
-    dataset-fashion-mnist) when the files are there, else the same download into DEFAULT_ROOT.
+    when download is True and a network exists. root None (or Debian's folder itself): Debian's
+    folder (package dataset-fashion-mnist) when the files are there, else DEFAULT_ROOT, else the
+    same download into DEFAULT_ROOT.
     An asked folder is never silently replaced by another. Otherwise one DataError line that
     gives both ways to get the data.
     """
+    if root == FASHION_MNIST_DEB:  # train.py's default --data-path for now: the same as none given
+        root = None
     for folder in ([root] if root else [FASHION_MNIST_DEB, DEFAULT_ROOT]):
         if all(FashionMNIST.find(folder, name) for name in FASHION_MNIST_FILES):
             return folder

@@ -433,6 +433,10 @@ def test_fashion_mnist_from_the_asked_folder_debian_or_a_download(tmp_path, monk
             raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried http://mirror/, got:\n"
                                "<urlopen error [Errno -3] Temporary failure in name resolution>")
     monkeypatch.setattr(data.datasets, "FashionMNIST", NoNetwork)
+    monkeypatch.chdir(tmp_path)                                    # DEFAULT_ROOT ("data") is relative
+    with pytest.raises(data.DataError, match=f"no Fashion-MNIST in {debian} nor under 'data'"):
+        data.fashion_mnist_root(None, True)
+    assert not (tmp_path / "data").exists()
     asked = tmp_path / "asked"
     for download in (False, True):
         with pytest.raises(data.DataError) as error:
@@ -446,6 +450,7 @@ def test_fashion_mnist_from_the_asked_folder_debian_or_a_download(tmp_path, monk
     assert len(data.build_dataset("fashion-mnist", str(asked), True, None, download=False)) == 5
     fashion_files(debian, n=7)
     assert data.fashion_mnist_root(None, False) == str(debian)     # no --data-path: Debian's folder
+    assert data.fashion_mnist_root(str(debian), False) == str(debian)
     assert len(data.build_dataset("fashion-mnist", None, False, None, download=False)) == 7
     monkeypatch.setattr(data.datasets, "FashionMNIST", urllib.error.URLError)  # never called: found first
     assert data.fashion_mnist_root(str(asked), True) == str(asked)
