@@ -28,7 +28,9 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from checkpoint import read_log
+from checkpoint import ConfigError, read_log, write_json
+
+HERE = os.path.dirname(os.path.abspath(__file__))  # train.py and eval_linear.py, from any folder
 
 # name -> train.py options on top of the base recipe; "cosine" is the default SNCLR (K = 5).
 # The order is the order of the runs: the core variants first.
@@ -70,20 +72,31 @@ def get_args_parser():
 
 
 def run(cmd: list, log_file=None) -> None:
-    """Run a command (printed first); with log_file its output goes there instead of here."""
+    """Run a command (printed first); with log_file its output goes there instead of here.
+
+    A failed command ends the sweep with status 1 and its own `error:` line last on stderr,
+    never under a traceback: here it printed the line itself; from log_file it is repeated."""
     print("+", shlex.join(cmd), flush=True)
     if log_file is None:
-        subprocess.run(cmd, check=True)
+        status = subprocess.run(cmd).returncode
+    else:
+        with open(log_file, "w") as f:
+            status = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    if status == 0:
         return
-    with open(log_file, "w") as f:
-        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
+    if log_file is None:
+        raise SystemExit(1)
+    with open(log_file) as f:
+        errors = [line.strip() for line in f if line.startswith("error: ")]
+    raise SystemExit(f"{errors[-1]} (in {log_file})" if errors else
+                     f"error: {os.path.basename(cmd[1])} exited with status {status}; its output is in {log_file}")
 
 
 def probe(checkpoint: str, seed: int, args, *extra) -> list:
     """eval_linear.py's cached-feature linear probe (the Evaluation section of README.md)."""
-    return [sys.executable, "eval_linear.py", checkpoint, "--cache-features", "--epochs", str(args.probe_epochs),
-            "--batch-size", "256", "--lr", "0.5", "--workers", "1", "--device", args.device, "--seed", str(seed),
-            *extra]
+    return [sys.executable, os.path.join(HERE, "eval_linear.py"), checkpoint, "--cache-features", "--epochs",
+            str(args.probe_epochs), "--batch-size", "256", "--lr", "0.5", "--workers", "1", "--device", args.device,
+            "--seed", str(seed), *extra]
 
 
 # Last-epoch figures of the neighbour-quality monitor carried into each row.
@@ -93,17 +106,31 @@ QUALITY = ("nn_agree", "nn_top1_agree", "w_agree", "w_same", "w_other", "w_auroc
 def train_command(name: str, seed: int, args) -> list:
     """The train.py command of one variant and seed."""
     out = os.path.join(args.runs, f"{name}_s{seed}")
-    train = [sys.executable, "train.py", *shlex.split(args.train_args), *VARIANTS[name],
+    train = [sys.executable, os.path.join(HERE, "train.py"), *shlex.split(args.train_args), *VARIANTS[name],
              "--dataset", args.dataset, "--epochs", str(args.epochs), "--seed", str(seed),
              "--device", args.device, "--output-dir", out]
     return train + (["--data-path", args.data_path] if args.data_path else [])
 
 
 def settings(command: str) -> list:
-    """A train.py command without what does not change the run: the interpreter, --output-dir."""
-    words = shlex.split(command)[1:]
+    """A train.py command without what does not change the run: the interpreter, the script's
+    path, --output-dir."""
+    words = shlex.split(command)[2:]
     at = words.index("--output-dir")
     return words[:at] + words[at + 2:]
+
+
+def check_partial_run(out: str, epochs: int) -> None:
+    """Refuse a run folder left by a sweep of another --epochs: train.py would resume it (its
+    --epochs may change on resume) and this sweep's figures would be of another budget."""
+    path = os.path.join(out, "args.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        had = json.load(f).get("epochs")
+    if had != epochs:
+        raise SystemExit(f"error: {out} holds a run of --epochs {had}, this sweep asks for --epochs {epochs}; "
+                         f"delete {out} to redo it, or give another --runs")
 
 
 def one_run(name: str, seed: int, args) -> dict:
@@ -111,6 +138,7 @@ def one_run(name: str, seed: int, args) -> dict:
     out = os.path.join(args.runs, f"{name}_s{seed}")
     train = train_command(name, seed, args)
     start = time.time()
+    check_partial_run(out, args.epochs)
     os.makedirs(out, exist_ok=True)
     log_file = os.path.join(out, "stdout.txt") if args.jobs > 1 else None
     run(train, log_file)
@@ -119,6 +147,9 @@ def one_run(name: str, seed: int, args) -> dict:
     with open(os.path.join(out, "eval_linear", "results.txt")) as f:
         linear = json.loads(f.read().splitlines()[-1])
     last = log[-1]
+    if "knn_top1" not in last:  # train.py's final monitor did not run (e.g. interrupted there)
+        raise SystemExit(f"error: {out}/log.txt has no final kNN figure for epoch {last['epoch']}; delete {out} "
+                         f"and rerun to redo this run")
     return {"variant": name, "seed": seed, "epochs": args.epochs, "dataset": args.dataset,
             "knn_random_init": log[0]["knn_top1"], "knn_top1": last["knn_top1"],
             "linear_top1": linear["top1"], "final_loss": last["loss"], "w_mean": last["w_mean"],
@@ -178,9 +209,7 @@ def result(name: str, seed: int, args) -> dict:
     path = os.path.join(args.results, f"ablation_{name}_s{seed}.json")
     if not os.path.exists(path):
         row = random_init_row(seed, args) if name == "random-init" else one_run(name, seed, args)
-        with open(path + ".tmp", "w") as f:
-            json.dump(row, f, indent=2)
-        os.replace(path + ".tmp", path)  # only finished runs leave a result
+        save(path, row)  # atomic: only finished runs leave a result
     with open(path) as f:
         row = json.load(f)
     wanted = shlex.join(train_command(name, seed, args)) if name != "random-init" else None
@@ -197,12 +226,23 @@ def main(argv=None):
     os.makedirs(args.results, exist_ok=True)
     with ThreadPoolExecutor(args.jobs) as pool:  # each job is a train.py process
         trained = [pool.submit(result, name, seed, args) for seed in args.seeds for name in args.only]
-        rows = [job.result() for job in trained]
+        try:
+            rows = [job.result() for job in trained]
+        except SystemExit:  # a run failed: start no other (those running finish first)
+            pool.shutdown(cancel_futures=True)
+            raise
     rows += [result("random-init", seed, args) for seed in args.seeds]  # reuses a run's checkpoint
     table = summarise(rows)
-    with open(os.path.join(args.results, "ablations.json"), "w") as f:
-        json.dump({"rows": rows, "summary": table}, f, indent=2)
-    print(markdown(table))
+    print(markdown(table), flush=True)  # before the file: a full disk loses nothing
+    save(os.path.join(args.results, "ablations.json"), {"rows": rows, "summary": table})
+
+
+def save(path: str, obj) -> None:
+    """write_json (atomic), its error as this script's one line."""
+    try:
+        write_json(path, obj)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

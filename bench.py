@@ -44,12 +44,12 @@ import distributed
 import options
 import run_control
 import train
-from checkpoint import ConfigError
+from checkpoint import ConfigError, check_writable_folder, write_json
 from cli import nonneg_int, positive_int
 from loaders import AUGMENT_DEVICES
 from loss import info_nce, snclr_loss
 from memory_queue import MemoryQueue
-from model import ARCHS, RESNETS, STEMS, VITS, SNCLR
+from model import ARCHS, RESNETS, STEMS, SNCLR
 from op_count import count_ops
 from train import train_step
 
@@ -129,6 +129,10 @@ def check_args(p, args) -> None:
         p.error("--count-ops counts eager operators of the step; it cannot be combined with --data or --compile")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} is a file, not a folder")
+    try:  # before the benchmark's minutes: a folder that cannot be written would lose its figures
+        check_writable_folder(args.out, "--out")
+    except ConfigError as e:
+        p.error(str(e))
     if args.warmup is None:
         args.warmup = 5 if args.compile else 1
 
@@ -526,11 +530,16 @@ def main(argv=None):
             f"bench_ops_{env.device.type}_{args.arch}_{args.image_size}" if args.count_ops else
             f"bench_{env.device.type}_{args.arch}" + "_channels_last" * args.channels_last + "_compile" * args.compile
             + ("_" + args.compile_mode) * (args.compile_mode != "default"))
-    os.makedirs(args.out, exist_ok=True)
+    print("\n".join(lines), flush=True)  # the figures first: a failed write below loses nothing
     path = os.path.join(args.out, name + ".json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print("\n".join(lines + [f"wrote {path}"]))
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        write_json(path, result, advice="the figures are printed above")
+    except OSError as e:
+        cli.fail(ConfigError(f"cannot create --out {args.out}: {e.strerror}"))
+    except ConfigError as e:
+        cli.fail(e)
+    print(f"wrote {path}")
     if args.data:  # the last line: one JSON object, for scripts
         print(json.dumps({k: v for k, v in result.items() if k != "args"}))
 

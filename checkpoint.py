@@ -7,12 +7,16 @@ train.py's checkpoint.pth holds {"model", "optimizer", "scaler", "epoch", "step_
 that is not such a file, is truncated, or describes another model fails with one ConfigError
 line naming what was expected.
 """
+import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
+import tempfile
 import warnings
+import zipfile
 
 import torch
 
@@ -33,33 +37,84 @@ def state_bytes(state) -> int:
     return 0
 
 
-def save_checkpoint(path: str, state: dict) -> None:
-    """Plain tensors and dicts (loadable with weights_only=True), written atomically: to
-    PATH.tmp, flushed to the disk, then renamed, so a crash or a full disk never leaves a
-    truncated PATH behind.
+def size_text(n: int) -> str:
+    """A byte count for a message: MiB from 1 MiB on, KiB from 1 KiB on, else bytes."""
+    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.0f} {unit}"
+    return f"{n} bytes"
 
-    torch.save is given an open file rather than a name: its own writer reports a full disk as
-    "inline_container ... unexpected pos", while Python's file reports ENOSPC. A failed write
-    removes PATH.tmp and raises one ConfigError line; a full disk says so and how much room the
-    save needs (the previous checkpoint stays until the new one is complete).
-    """
+
+def is_full_disk(error: BaseException) -> bool:
+    """Whether a failed write ran out of room (ENOSPC, or EDQUOT: the user's quota). torch.save
+    reports it as its own "[enforce fail at inline_container.cc...] unexpected pos" RuntimeError,
+    raised while the file's OSError is being handled: so the whole chain is looked at."""
+    while error is not None:
+        if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def write_error(path: str, error: BaseException, need: int, advice: str, replacing: bool = False) -> ConfigError:
+    """The one line for a write to path that failed. A full disk says how much room the write
+    needs (replacing: beside the previous file, which stays until the new one is complete) and
+    advice, what to do then."""
+    if not is_full_disk(error):
+        return ConfigError(f"cannot write {path}: {' '.join(str(error).split())}")
+    folder, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    beside = f" beside the previous {name}" if replacing and os.path.exists(path) else ""
+    return ConfigError(f"no space left on {folder}: saving {name} needs about {size_text(need)} free{beside}, "
+                       f"{size_text(shutil.disk_usage(folder).free)} are; {advice}")
+
+
+def write_atomically(path: str, write, need: int, advice: str) -> None:
+    """write(file) into PATH.tmp, flushed to the disk, then renamed to PATH: a crash or a full
+    disk never leaves a truncated PATH behind. A failure removes PATH.tmp and raises one
+    ConfigError line (write_error). need: about the bytes written, for the full-disk message."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         if os.path.lexists(tmp):
             os.remove(tmp)
-        folder = os.path.dirname(os.path.abspath(path))
-        if getattr(e, "errno", None) == errno.ENOSPC:
-            need, free = state_bytes(state), shutil.disk_usage(folder).free
-            raise ConfigError(f"no space left on {folder}: saving {os.path.basename(path)} needs about "
-                              f"{need / 2**20:.0f} MiB free beside the previous checkpoint, "
-                              f"{free / 2**20:.0f} MiB are; free some space and rerun to resume") from None
-        raise ConfigError(f"cannot write {path}: {' '.join(str(e).split())}") from None
+        raise write_error(path, e, need, advice, replacing=True) from None
+
+
+def save_checkpoint(path: str, state: dict, advice: str = "free some space and rerun to resume") -> None:
+    """Plain tensors and dicts (loadable with weights_only=True), written atomically
+    (write_atomically).
+
+    torch.save is given an open file rather than a name: its own writer reports a full disk as
+    "inline_container ... unexpected pos" without the cause, while Python's file raises ENOSPC,
+    which is_full_disk finds. advice: what a full disk's message tells to do (an export has
+    nothing to resume).
+    """
+    write_atomically(path, lambda f: torch.save(state, f), state_bytes(state), advice)
+
+
+def write_json(path: str, obj, advice: str = "free some space and rerun") -> None:
+    """obj as indented JSON, written atomically (write_atomically): a full disk leaves the
+    previous file, or none, never an empty or cut one; one ConfigError line instead."""
+    text = (json.dumps(obj, indent=2) + "\n").encode()
+    write_atomically(path, lambda f: f.write(text), len(text), advice)
+
+
+LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950a86a20f9469cfc6c).to_bytes(10, "little")  # torch.save before 1.6
+
+
+def is_torch_file(path: str) -> bool:
+    """Whether path is in one of torch.save's formats: a zip archive, or the older format that
+    begins with a pickled magic number. Random bytes can read as pickle opcodes that the safe
+    loader refuses ("Unsupported operand"): they are still not a checkpoint."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(len(LEGACY_MAGIC)) == LEGACY_MAGIC
 
 
 def load_checkpoint(path: str, expect: dict = None, required=("model", "optimizer", "epoch", "args")) -> dict:
@@ -77,7 +132,7 @@ def load_checkpoint(path: str, expect: dict = None, required=("model", "optimize
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or a pickle of arbitrary objects
         # torch's message advises weights_only=False: unsafe, and never right for this project's files
-        unsafe = "Unsupported global" in str(e) or "Unsupported operand" in str(e)
+        unsafe = is_torch_file(path) and ("Unsupported global" in str(e) or "Unsupported operand" in str(e))
         reason = "it holds objects other than plain tensors and dicts" if unsafe else \
             "it is not a torch checkpoint file, or it is truncated"
         raise ConfigError(f"cannot read checkpoint {path}: {reason}; give a checkpoint.pth written by "
@@ -107,6 +162,17 @@ def checkpoint_data_path(ckpt_path: str, pre: dict, data_path=None, dataset=None
     return resolved
 
 
+def weights_digest(state: dict) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and values: the identity of a set of
+    weights, whichever file holds them (eval_linear.py resumes only on the same backbone)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def load_state(module, state: dict, what: str) -> None:
     """Strict load_state_dict whose failure is a one-line ConfigError."""
     try:
@@ -123,22 +189,23 @@ FREE_ON_RESUME = ("output_dir", "resume", "data_path", "workers", "print_freq", 
                   "strict_data")
 
 
-def changed_args(saved: dict, current: dict) -> list[str]:
-    """'name: saved -> current' for every option (outside FREE_ON_RESUME) that differs."""
+def changed_args(saved: dict, current: dict, free=FREE_ON_RESUME) -> list[str]:
+    """'name: saved -> current' for every option (outside free) that differs."""
     missing = "(absent)"
     return [f"{k}: {saved.get(k, missing)!r} -> {current.get(k, missing)!r}"
             for k in sorted(set(saved) | set(current))
-            if k not in FREE_ON_RESUME and saved.get(k, missing) != current.get(k, missing)]
+            if k not in free and saved.get(k, missing) != current.get(k, missing)]
 
 
-def check_resume(ckpt: dict, path: str, args: dict, runtime: dict, allow: bool) -> list[str]:
+def check_resume(ckpt: dict, path: str, args: dict, runtime: dict, allow: bool, free=FREE_ON_RESUME) -> list[str]:
     """Refuse (ConfigError) a resume that would silently change the run; return the accepted
     differences (allow=True) so the caller can print and log them.
 
     runtime: the world size and what the run resolved on its machine (device type, augmentation
     path; older checkpoints hold only the world size), compared like the options. A mid-epoch resume
     with another global batch or world size is refused even with allow: it would skip the
-    wrong samples of the interrupted epoch.
+    wrong samples of the interrupted epoch. free: the options that may change (eval_linear.py
+    has its own list: there --epochs sets the lr schedule).
     """
     saved = {"world_size": ckpt.get("world_size", runtime["world_size"]), **ckpt.get("runtime", {})}
     if ckpt.get("step_in_epoch", 0) and (ckpt["args"].get("batch_size") != args["batch_size"]
@@ -147,7 +214,7 @@ def check_resume(ckpt: dict, path: str, args: dict, runtime: dict, allow: bool) 
                           f"{ckpt['args'].get('batch_size')} on {saved['world_size']} processes; a mid-epoch "
                           f"resume needs the same batch size and number of processes (got {args['batch_size']} "
                           f"on {runtime['world_size']})")
-    diff = changed_args(ckpt["args"], args) + changed_args(saved, {k: runtime[k] for k in saved})
+    diff = changed_args(ckpt["args"], args, free) + changed_args(saved, {k: runtime[k] for k in saved}, free)
     if diff and not allow:
         raise ConfigError(f"{path} was written with other options: {'; '.join(diff)}. Rerun with the "
                           f"checkpoint's options, another --output-dir, or --allow-changed-args")
@@ -157,23 +224,31 @@ def check_resume(ckpt: dict, path: str, args: dict, runtime: dict, allow: bool) 
 class RunLock:
     """An exclusive lock on OUTPUT/.lock held for the life of a run, so a second run on the same
     folder is refused instead of interleaving log.txt and checkpoint.pth.tmp. It is an flock:
-    the operating system releases it when the process ends, even after a crash or kill -9."""
+    the operating system releases it when the process ends, even after a crash or kill -9.
+    The file holds the owner's pid and what it runs (`what`: training, evaluation), for the
+    message of the run that is refused."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, what: str = "training"):
         self.path = os.path.join(folder, ".lock")
+        created = not os.path.lexists(self.path)
         self.file = open(self.path, "a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.file.seek(0)
-            owner = self.file.read().strip() or "another process"
+            pid, _, owner = self.file.read().strip().partition(" ")
             self.file.close()
-            raise ConfigError(f"{folder} is in use by a running training (pid {owner}); wait for it, "
-                              f"stop it, or choose another --output-dir") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(str(os.getpid()))
-        self.file.flush()
+            raise ConfigError(f"{folder} is in use by a running {owner or 'training'} (pid {pid or 'unknown'}); "
+                              f"wait for it, stop it, or choose another --output-dir") from None
+        owner = f"{os.getpid()} {what}".encode()
+        try:  # unbuffered: nothing is left to fail again when the file is closed
+            os.ftruncate(self.file.fileno(), 0)
+            os.write(self.file.fileno(), owner)
+        except OSError as e:  # a full disk: the lock is not needed to report it, nor left behind
+            if created:
+                os.remove(self.path)
+            self.release()
+            raise write_error(self.path, e, len(owner), "free some space and rerun") from None
 
     def release(self) -> None:
         if not self.file.closed:
@@ -189,6 +264,27 @@ def check_output_dir(folder: str) -> None:
         raise ConfigError(f"--output-dir {folder} is not writable; choose another --output-dir")
 
 
+def check_writable_folder(folder: str, option: str) -> None:
+    """ConfigError unless folder is, or can be created as, a folder that takes files. Tried for
+    real, since some file systems (/proc) refuse what their permissions promise, and left as it
+    was: the folders made for the try are removed again (a benchmark checks its --out before
+    its minutes of work, and writes only at the end)."""
+    made, at = [], os.path.abspath(folder)
+    while not os.path.lexists(at):  # innermost first
+        made.append(at)
+        at = os.path.dirname(at)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{option} {folder} cannot be written ({e.strerror}); choose another {option}") from None
+    finally:
+        for path in made:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+
+
 def prepare_output_dir(folder: str) -> None:
     """Create the run folder; ConfigError if it is a file or cannot be written."""
     check_output_dir(folder)
@@ -199,9 +295,24 @@ def prepare_output_dir(folder: str) -> None:
     check_output_dir(folder)
 
 
-def append_json(path: str, entry: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(entry) + "\n")
+def append_json(path: str, entry: dict, advice: str = "free some space and rerun") -> None:
+    """entry as one JSON line at the end of path. A failed write (a full disk) cuts the file
+    back to its previous end, so no half line is left, and raises one ConfigError line."""
+    line, existed = (json.dumps(entry) + "\n").encode(), os.path.lexists(path)
+    try:
+        with open(path, "ab", buffering=0) as f:  # unbuffered: nothing is retried when it is closed
+            end = f.seek(0, os.SEEK_END)
+            try:
+                written = 0
+                while written < len(line):  # a raw write may take part of the line, then fail
+                    written += f.write(line[written:])
+            except OSError:
+                os.ftruncate(f.fileno(), end)
+                raise
+    except OSError as e:
+        if not existed and os.path.isfile(path):  # no empty file left behind either
+            os.remove(path)
+        raise write_error(path, e, len(line), advice) from None
 
 
 def read_log(path: str) -> list[dict]:

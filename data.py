@@ -1,13 +1,15 @@
 """Datasets and augmentations: the two asymmetric views of BYOL / MoCo v3 and the eval transforms.
 
 Datasets: cifar10, cifar100 (torchvision, downloaded when a network exists), imagenet and any
-`folder` (ImageFolder over DATA_PATH/train and DATA_PATH/val), fashion-mnist (read straight from
-the IDX files, .gz or not, so Debian's `dataset-fashion-mnist` package works offline) and `fake`
-(torchvision FakeData, for smoke tests).
+`folder` (ImageFolder over DATA_PATH/train and DATA_PATH/val, which must hold the same class
+folders), fashion-mnist (read straight from the IDX files, .gz or not, so Debian's
+`dataset-fashion-mnist` package works offline; without it torchvision downloads them where a
+network exists: fashion_mnist_root) and `fake` (torchvision FakeData, for smoke tests).
 
 The PIL transforms here are the readable reference of the augmentations and the CPU default;
 augment.py holds the same ops batched on the device, and loaders.py chooses between them.
 """
+import contextlib
 import gzip
 import itertools
 import multiprocessing
@@ -107,12 +109,17 @@ class TwoViews:
 
 
 def eval_transform(dataset: str, image_size: int, train: bool = False):
-    """Linear-probe / kNN transforms: random crop + flip to train, center crop (or none) to test."""
+    """Linear-probe / kNN transforms: random crop + flip to train, center crop to test.
+
+    Small images (<= 64 px, CIFAR's protocol): the shorter side resized to image_size (a no-op
+    for images of that size), then a padded random crop or a center crop to a square: photos of
+    any shape (a `folder` data set) give batches of one size."""
     mean, std = MEAN_STD.get(dataset, IMAGENET_MEAN_STD)
     ops = [transforms.Grayscale(3)] if dataset == "fashion-mnist" else []
     if image_size <= 64:
+        ops += [transforms.Resize(image_size)]
         ops += [transforms.RandomCrop(image_size, padding=4), transforms.RandomHorizontalFlip()] \
-            if train else [transforms.Resize(image_size)]
+            if train else [transforms.CenterCrop(image_size)]
     else:
         ops += [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()] if train \
             else [transforms.Resize(image_size * 256 // 224), transforms.CenterCrop(image_size)]
@@ -137,32 +144,105 @@ def read_idx(path: str) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                       "t10k-labels-idx1-ubyte")
+DEFAULT_ROOT = "data"  # where a download goes when no --data-path is given (train.py's default elsewhere)
+
+
 class FashionMNIST(torch.utils.data.Dataset):
     """Fashion-MNIST from its four IDX files, found in ROOT, ROOT/raw or ROOT/FashionMNIST/raw."""
 
     def __init__(self, root: str, train: bool, transform=None):
         prefix = "train" if train else "t10k"
-        self.images = read_idx(self._find(root, f"{prefix}-images-idx3-ubyte"))  # (n, 28, 28)
-        self.labels = read_idx(self._find(root, f"{prefix}-labels-idx1-ubyte"))  # (n,)
+        images_path = self._find(root, f"{prefix}-images-idx3-ubyte")
+        labels_path = self._find(root, f"{prefix}-labels-idx1-ubyte")
+        self.images = read_idx(images_path)  # (n, 28, 28)
+        self.labels = read_idx(labels_path)  # (n,)
+        check_pair(images_path, self.images, labels_path, self.labels)
         self.transform = transform
         self.targets = self.labels.tolist()
 
     @staticmethod
-    def _find(root: str, name: str) -> str:
+    def find(root: str, name: str):
+        """The path of the IDX file `name` (.gz or not) under root, or None."""
         for folder in (root, os.path.join(root, "raw"), os.path.join(root, "FashionMNIST", "raw")):
             for candidate in (os.path.join(folder, name), os.path.join(folder, name + ".gz")):
                 if os.path.isfile(candidate):
                     return candidate
-        raise DataError(f"no {name}[.gz] under {root!r} (nor raw/, FashionMNIST/raw/); install "
-                        f"Debian's dataset-fashion-mnist (files in {FASHION_MNIST_DEB}) or put "
-                        f"the four IDX files there")
+        return None
+
+    @staticmethod
+    def _find(root: str, name: str) -> str:
+        path = FashionMNIST.find(root, name)
+        if path is None:
+            raise DataError(f"no {name}[.gz] under {root!r} (nor raw/, FashionMNIST/raw/); install "
+                            f"Debian's dataset-fashion-mnist (files in {FASHION_MNIST_DEB}) or put "
+                            f"the four IDX files there")
+        return path
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, i):
-        img = Image.fromarray(self.images[i])  # uint8 (28, 28) -> mode "L"
+        img = Image.fromarray(self.images[i])  # uint8 (n, rows, columns) -> mode "L"
         return (self.transform(img) if self.transform else img), int(self.labels[i])
+
+
+def check_pair(images_path: str, images: np.ndarray, labels_path: str, labels: np.ndarray) -> None:
+    """DataError naming the file unless the arrays are n grayscale images and their n labels in 0..9:
+    a shorter labels file would silently train on fewer images, the rest fail deep in PIL or torch."""
+    if images.ndim != 3:
+        raise DataError(f"{images_path} holds an array of shape {images.shape}; an images file holds "
+                        f"(images, rows, columns): reinstall or replace it")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataError(f"{labels_path} holds labels of shape {labels.shape} for the {len(images)} images of "
+                        f"{images_path}; the files must hold one label per image: reinstall or replace them")
+    if len(labels) and labels.max() >= NUM_CLASSES["fashion-mnist"]:
+        raise DataError(f"{labels_path} holds the label {labels.max()}; Fashion-MNIST's labels are 0 to 9: "
+                        f"reinstall or replace it")
+
+
+def fashion_mnist_root(root, download: bool) -> str:
+    """The folder that holds Fashion-MNIST's four IDX files (its raw/ or FashionMNIST/raw/ too).
+
+    root given (--data-path): root, else torchvision downloads the files into root/FashionMNIST/raw
+    when download is True and a network exists. root None (or Debian's folder itself): Debian's
+    folder (package dataset-fashion-mnist) when the files are there, else DEFAULT_ROOT, else the
+    same download into DEFAULT_ROOT.
+    An asked folder is never silently replaced by another. Otherwise one DataError line that
+    gives both ways to get the data.
+    """
+    if root == FASHION_MNIST_DEB:  # train.py's default --data-path for now: the same as none given
+        root = None
+    for folder in ([root] if root else [FASHION_MNIST_DEB, DEFAULT_ROOT]):
+        if all(FashionMNIST.find(folder, name) for name in FASHION_MNIST_FILES):
+            return folder
+    target, failure = root or DEFAULT_ROOT, ""
+    if download:
+        failure = download_fashion_mnist(target)
+        if not failure:
+            return target
+    where = repr(target) if root else f"{FASHION_MNIST_DEB} nor under {target!r}"
+    raise DataError(f"no Fashion-MNIST in {where} (its four IDX files, in it, raw/ or FashionMNIST/raw/)"
+                    f"{failure}: install Debian's package dataset-fashion-mnist (read from {FASHION_MNIST_DEB} "
+                    f"when no --data-path is given), or run train.py where a network exists to download it "
+                    f"into {target}")
+
+
+def download_fashion_mnist(root: str) -> str:
+    """torchvision's download into root/FashionMNIST/raw: "" when done, else why not (as the end
+    of a message); the folders it made are removed again if they stayed empty."""
+    raw = os.path.join(root, "FashionMNIST", "raw")
+    made = [d for d in (raw, os.path.dirname(raw), root) if not os.path.exists(d)]  # innermost first
+    try:
+        datasets.FashionMNIST(root, train=True, download=True)  # all four files, both splits
+        return ""
+    except (OSError, RuntimeError, ValueError) as e:  # no network (URLError), a bad download, no room
+        for folder in made:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        reason = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        return f", and downloading it failed ({reason[-1]})"
 
 
 def _cifar(name: str, root: str, train: bool, transform, download: bool):
@@ -189,17 +269,34 @@ def build_dataset(name: str, root: str, train: bool, transform, download: bool =
                                  (3, image_size, image_size), 10, transform,
                                  random_offset=0 if train else 10**6)
     if name == "fashion-mnist":
-        return FashionMNIST(root, train, transform)
+        return FashionMNIST(fashion_mnist_root(root, download), train, transform)
     if name in ("cifar10", "cifar100"):
         return _cifar(name, root, train, transform, download)
     folder = os.path.join(root, "train" if train else "val")
     if not os.path.isdir(folder):
         raise DataError(f"--dataset {name} expects ImageFolder directories {root}/train and "
                         f"{root}/val (one sub-folder per class); {folder!r} does not exist")
+    check_same_classes(root)
     try:
         return datasets.ImageFolder(folder, transform)
     except FileNotFoundError as e:  # no class folders, or no image in them
         raise DataError(f"{folder} holds no images in class sub-folders ({_flat(e)})") from None
+
+
+def check_same_classes(root: str) -> None:
+    """DataError unless ROOT/train and ROOT/val (where both exist) hold the same class folders.
+    ImageFolder numbers the classes of each split by their sorted names on its own: a class
+    missing from val would shift the numbers of the others, and every kNN or probe figure would
+    score val images against the wrong training class."""
+    splits = [os.path.join(root, split) for split in ("train", "val")]
+    if not all(os.path.isdir(split) for split in splits):
+        return
+    train, val = ({entry.name for entry in os.scandir(split) if entry.is_dir()} for split in splits)
+    if train != val:
+        missing = [f"{split} lacks {', '.join(sorted(names))}" for split, names in
+                   ((splits[1], train - val), (splits[0], val - train)) if names]
+        raise DataError(f"{splits[0]} and {splits[1]} must hold the same class folders (ImageFolder numbers "
+                        f"the classes by their sorted names): {'; '.join(missing)}")
 
 
 def _flat(error: BaseException) -> str:
@@ -207,10 +304,16 @@ def _flat(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
+# What PIL raises for a damaged image file, and for one whose pixel count exceeds twice
+# Image.MAX_IMAGE_PIXELS (a decompression bomb: decoding it could exhaust the memory).
+UNREADABLE = (OSError, SyntaxError, Image.DecompressionBombError)
+
+
 class SkipUnreadable(torch.utils.data.Dataset):
-    """A dataset whose unreadable images (a truncated JPEG, a file that is not an image) are
-    replaced by the next readable one and counted, with a warning naming the file: ImageNet's
-    training set has a few such files, and one should not end a 300-epoch run. strict=True
+    """A dataset whose unreadable images (a truncated JPEG, a file that is not an image, one
+    over PIL's decompression-bomb limit) are replaced by the next readable one and counted,
+    with a warning naming the file: ImageNet's training set has a few such files, and one
+    should not end a 300-epoch run. strict=True
     (evaluation sets, or --strict-data) instead stops with a DataError naming the file.
 
     The count lives in shared memory, so increments made in DataLoader workers are seen here.
@@ -232,7 +335,7 @@ class SkipUnreadable(torch.utils.data.Dataset):
             j %= len(self.dataset)
             try:
                 return self.dataset[j]
-            except (OSError, SyntaxError) as e:  # what PIL raises for damaged image files
+            except UNREADABLE as e:
                 if self.strict:
                     raise DataError(f"cannot read image {self.path(j)}: {_flat(e)}") from None
                 print(f"warning: skipping unreadable training image {self.path(j)}: {_flat(e)}",
@@ -265,6 +368,23 @@ def ignore_sigterm(_worker_id: int) -> None:
     whole process group, and a dead worker would crash the main process before it can save."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def closing_workers(loader):
+    """`with closing_workers(loader) as batches:` iterates the loader once, and every way out of
+    the block (the end, an error such as an unreadable image, a stop) ends its worker processes.
+
+    Why: workers that ignore SIGTERM (ignore_sigterm) outlive an error, and at exit Python's
+    multiprocessing sends its children SIGTERM and then waits for them: the process would print
+    its error line and never exit."""
+    iterator = iter(loader)
+    try:
+        yield iterator
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # the DataLoader's own; no public call
+        if shutdown is not None:                                 # (None with --workers 0)
+            shutdown()
 
 
 def fixed_subset(dataset, size: int, seed: int = 0, what: str = "--subset"):

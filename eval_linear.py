@@ -9,10 +9,13 @@
 Dataset, path, image size (and --fake-size) default to the checkpoint's. --knn also takes the
 checkpoint's kNN settings (k, T, the fixed bank / query subsets and their seed), so it gives
 exactly the figure train.py's monitor logged for the checkpoint's epoch. Runs under torchrun
-like train.py. Per-epoch JSON lines go to OUTPUT/log.txt, final results are appended to
-OUTPUT/results.txt, OUTPUT/checkpoint.pth resumes an interrupted run and OUTPUT/best.pth keeps
-the best classifier. Every option is checked, and the output folder or --export target too,
-before any work; a bad one ends with one `error:` line and nothing written.
+like train.py. Per-epoch JSON lines go to OUTPUT/log.txt, final results are printed and then
+appended to OUTPUT/results.txt, OUTPUT/checkpoint.pth resumes an interrupted run and
+OUTPUT/best.pth keeps the best classifier. A run is resumed only with the same backbone weights
+and options (train.py's rule: others are listed and refused unless --allow-changed-args), and a
+run lock keeps a second evaluation out of OUTPUT. Every option is checked, and the output folder
+or --export target too, before any work; a bad one ends with one `error:` line and nothing
+written.
 """
 import argparse
 import json
@@ -26,10 +29,11 @@ from tqdm import tqdm
 
 import cli
 import distributed
-from checkpoint import (ConfigError, append_json, checkpoint_data_path, load_checkpoint, load_state,
-                        prepare_output_dir, save_checkpoint)
+from checkpoint import (ConfigError, RunLock, append_json, check_resume, checkpoint_data_path, load_checkpoint,
+                        load_state, prepare_output_dir, save_checkpoint, weights_digest)
 from cli import nonneg_float, nonneg_int, positive_float, positive_int
-from data import DATASETS, NUM_CLASSES, DataError, SkipUnreadable, build_dataset, eval_transform, fixed_subset
+from data import (DATASETS, NUM_CLASSES, DataError, SkipUnreadable, build_dataset, closing_workers, eval_transform,
+                  fixed_subset)
 from knn import extract_features, knn_accuracy
 from model import ARCHS, build_backbone
 from progress import show_bars
@@ -89,13 +93,15 @@ def get_args_parser() -> argparse.ArgumentParser:
       "train.py run")
     a("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto = CUDA when available")
     a("--seed", type=int, default=0, help="seed for the head and the label subset")
+    a("--allow-changed-args", action="store_true", help="resume an interrupted probe or fine-tuning in "
+      "--output-dir although options that change its result differ (listed and logged)")
     return p
 
 
 # ------------------------------------------------------------------ checks before any work ---
 def mode_of(args) -> str:
     """The evaluation asked for: export, knn, finetune1 / finetune10 or linear."""
-    if args.export:
+    if args.export is not None:
         return "export"
     return "knn" if args.knn else f"finetune{args.train_percent:g}" if args.train_percent else "linear"
 
@@ -103,7 +109,7 @@ def mode_of(args) -> str:
 def check_options(args, world_size: int) -> None:
     """Option combinations the parser cannot check alone; one ConfigError line each."""
     modes = [flag for flag, on in (("--knn", args.knn), ("--train-percent", args.train_percent is not None),
-                                   ("--cache-features", args.cache_features), ("--export", args.export))
+                                   ("--cache-features", args.cache_features), ("--export", args.export is not None))
              if on]
     if len(modes) > 1:
         raise ConfigError(f"{' and '.join(modes)} are different evaluations; give one of them per run")
@@ -114,7 +120,9 @@ def check_options(args, world_size: int) -> None:
                           f"add --knn or drop {'it' if len(knn_only) == 1 else 'them'}")
     if args.subset_list and args.train_percent is None:
         raise ConfigError("--subset-list applies to --train-percent 1 or 10 only; add one or drop it")
-    if args.force and not args.export:
+    if args.export == "":
+        raise ConfigError("--export needs a file name, e.g. --export backbone.pth")
+    if args.force and args.export is None:
         raise ConfigError("--force applies to --export only (it allows replacing an existing file)")
     if args.batch_size % world_size:
         raise ConfigError(f"--batch-size {args.batch_size} is not divisible by the number of processes "
@@ -176,7 +184,8 @@ def check_output_dir(folder: str, given: bool, checkpoint: str) -> None:
 def load_backbone(path: str, arch=None, random_init: bool = False, seed: int = 0):
     """The online encoder f of a train.py checkpoint.
 
-    Returns (backbone, feature dim, pretraining args, the checkpoint's epoch).
+    Returns (backbone, feature dim, pretraining args, where the checkpoint stands: the epochs it
+    completed and the steps of the next one, nonzero for a checkpoint saved mid-epoch).
     """
     ckpt = load_checkpoint(path, expect={"arch": arch} if arch else {})
     pre = ckpt["args"]
@@ -188,12 +197,13 @@ def load_backbone(path: str, arch=None, random_init: bool = False, seed: int = 0
     if not random_init:
         state = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
         load_state(backbone, state, f"the backbone weights of {path}")  # strict: every tensor must fit
-    return backbone, dim, pre, ckpt["epoch"]
+    return backbone, dim, pre, (ckpt["epoch"], ckpt.get("step_in_epoch", 0))
 
 
 def export_backbone(backbone: nn.Module, path: str) -> None:
     """A plain state dict with torchvision's key names; only the classifier (fc / heads) is absent."""
-    save_checkpoint(path, {k: v.clone() for k, v in backbone.state_dict().items()})
+    save_checkpoint(path, {k: v.clone() for k, v in backbone.state_dict().items()},
+                    advice="free some space or choose another --export path")
 
 
 def check_backbone_unchanged(backbone: nn.Module, reference: dict) -> None:
@@ -248,11 +258,12 @@ def evaluate(model: nn.Module, loader, env) -> tuple[float, float]:
     """Top-1 / top-5 (%) over a loader whose sampler shards the data across ranks."""
     model.eval()
     counts = torch.zeros(3, device=env.device)  # top-1 hits, top-5 hits, images
-    for x, y in tqdm(loader, desc="eval", disable=not show_bars(env.main), leave=False):
-        x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-        with torch.autocast(env.device.type, torch.bfloat16, enabled=env.device.type == "cuda"):
-            logits = model(x).float()
-        counts += torch.tensor([*accuracy(logits, y), len(y)], device=env.device)
+    with closing_workers(loader) as batches:
+        for x, y in tqdm(batches, desc="eval", disable=not show_bars(env.main), leave=False):
+            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            with torch.autocast(env.device.type, torch.bfloat16, enabled=env.device.type == "cuda"):
+                logits = model(x).float()
+            counts += torch.tensor([*accuracy(logits, y), len(y)], device=env.device)
     counts = distributed.all_reduce_sum(counts)
     return (100 * counts[0] / counts[2]).item(), (100 * counts[1] / counts[2]).item()
 
@@ -293,45 +304,65 @@ def probe_cached(backbone, dim, num_classes, train_set, test_set, args, env, bas
     return top1, top5, logs
 
 
-def train_classifier(backbone, dim, num_classes, train_set, test_set, args, env, base_lr, finetune, out_dir,
-                     source=None):
-    """Linear probe (frozen backbone) or fine-tuning (all weights) with resume and best-keeping.
+# Options a resumed probe or fine-tuning may change freely: where it writes and reads, how fast
+# it loads, and checks. --device is compared as the device type the run resolved (runtime).
+FREE_ON_RESUME = ("output_dir", "workers", "data_path", "checkpoint", "arch", "device", "allow_changed_args")
 
-    Returns (final top-1, final top-5, best top-1). Per-epoch lines go to out_dir/log.txt.
-    source describes the evaluation (checkpoint, its epoch, random init, mode, data set); a run in
-    out_dir is resumed only if it was the same one.
+
+def runtime(env) -> dict:
+    return {"device": env.device.type}
+
+
+def resume_classifier(ckpt_path: str, source: dict, digest: str, args, env) -> tuple:
+    """(the checkpoint of an interrupted probe or fine-tuning in the output folder, the option
+    changes it accepts), or (None, []). Checked before any work, and writes nothing.
+
+    It is resumed only if it evaluates the same backbone weights (digest: the checkpoint may
+    have been rewritten since, e.g. by a training that went on) with the same protocol and
+    options (checkpoint.check_resume's rule: differences are refused unless --allow-changed-args);
+    otherwise one ConfigError line.
     """
-    torch.manual_seed(args.seed)
-    model = nn.Sequential(backbone, linear_head(dim, num_classes)).to(env.device)
-    reference = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
-    backbone.requires_grad_(finetune)
-    groups = [{"params": model[1].parameters(), "lr_scale": 1.0}]
-    if finetune:
-        groups.append({"params": backbone.parameters(), "lr_scale": args.backbone_lr_scale})
-    opt = torch.optim.SGD(groups, lr=base_lr, momentum=0.9, weight_decay=args.weight_decay)
-    start, best = 0, 0.0
-    ckpt_path = os.path.join(out_dir, "checkpoint.pth")
-    if os.path.isfile(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path, required=("model", "optimizer", "epoch", "best_top1", "source"))
-        if ckpt["source"] != (source or {}):
-            raise ConfigError(f"{out_dir} holds an evaluation of {ckpt['source']}, not of {source}; "
-                              f"choose another --output-dir")
-        load_state(model, ckpt["model"], f"evaluation checkpoint {ckpt_path}")
-        load_state(opt, ckpt["optimizer"], f"the optimizer state of {ckpt_path}")
-        start, best = ckpt["epoch"], ckpt["best_top1"]
-    ddp = DistributedDataParallel(model) if env.world_size > 1 else model
-    sampler = torch.utils.data.DistributedSampler(train_set, env.world_size, env.rank, seed=args.seed)
-    loader = torch.utils.data.DataLoader(train_set, args.batch_size // env.world_size, sampler=sampler,
-                                         num_workers=args.workers, pin_memory=env.device.type == "cuda")
-    mine = torch.utils.data.Subset(test_set, range(env.rank, len(test_set), env.world_size))
-    test_loader = torch.utils.data.DataLoader(mine, args.batch_size // env.world_size, num_workers=args.workers)
-    steps, top1, top5 = len(loader), 0.0, 0.0
-    for epoch in range(start, args.epochs):
-        sampler.set_epoch(epoch)
-        torch.manual_seed(args.seed + 1000 * epoch + env.rank)
-        model.train()
-        backbone.train(finetune)  # a probe keeps BN statistics frozen too
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not show_bars(env.main))
+    if not os.path.isfile(ckpt_path):
+        return None, []
+    ckpt = load_checkpoint(ckpt_path, required=("model", "optimizer", "epoch", "best_top1", "source"))
+    if ckpt["source"] != source:
+        raise ConfigError(f"{os.path.dirname(ckpt_path)} holds an evaluation of {ckpt['source']}, not of {source}; "
+                          f"choose another --output-dir")
+    if ckpt.get("backbone_sha256") != digest:
+        raise ConfigError(f"the backbone weights in {source['checkpoint']} changed since {ckpt_path} began evaluating "
+                          f"them (the checkpoint was rewritten); choose another --output-dir, or delete {ckpt_path} "
+                          f"to start this evaluation over")
+    ckpt.setdefault("args", {})  # written before the options were kept: every option counts as changed
+    changes = check_resume(ckpt, ckpt_path, vars(args), {"world_size": env.world_size, **runtime(env)},
+                           args.allow_changed_args, free=FREE_ON_RESUME)
+    return ckpt, changes
+
+
+def log_changes(out_dir: str, epoch: int, changes: list) -> None:
+    """The option changes a resume accepted (--allow-changed-args), printed and logged with the
+    first epoch they apply to."""
+    for change in changes:
+        print(f"resumed with a changed option (--allow-changed-args): {change}")
+    if changes:
+        append_json(os.path.join(out_dir, "log.txt"), {"epoch": epoch, "changed_args": changes})
+
+
+def save_epoch(out_dir: str, state: dict, log: dict, is_best: bool) -> None:
+    """One epoch's files: its log line first (the figures survive a full disk), then best.pth
+    and the checkpoint to resume from."""
+    append_json(os.path.join(out_dir, "log.txt"), log)
+    if is_best:
+        save_checkpoint(os.path.join(out_dir, "best.pth"), {"model": state["model"], "top1": log["top1"]})
+    save_checkpoint(os.path.join(out_dir, "checkpoint.pth"), state)
+
+
+def train_epoch(model, ddp, backbone, loader, opt, epoch: int, base_lr: float, args, env, finetune: bool):
+    """One epoch of the classifier; returns the last step's loss and lr."""
+    model.train()
+    backbone.train(finetune)  # a probe keeps BN statistics frozen too
+    steps = len(loader)
+    with closing_workers(loader) as batches:
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not show_bars(env.main))
         for it, (x, y) in enumerate(bar):
             lr = cosine_lr(epoch * steps + it, args.epochs * steps, base_lr)
             for g in opt.param_groups:
@@ -342,15 +373,51 @@ def train_classifier(backbone, dim, num_classes, train_set, test_set, args, env,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+    return loss, lr
+
+
+def train_classifier(backbone, dim, num_classes, train_set, test_set, args, env, base_lr, finetune, out_dir,
+                     source=None, resume=(None, [])):
+    """Linear probe (frozen backbone) or fine-tuning (all weights) with resume and best-keeping.
+
+    Returns (final top-1, final top-5, best top-1). Per-epoch lines go to out_dir/log.txt.
+    source describes the evaluation (checkpoint, its epoch, random init, mode, data set); resume
+    is resume_classifier's answer for out_dir: the checkpoint to continue and its accepted changes.
+    """
+    torch.manual_seed(args.seed)
+    model = nn.Sequential(backbone, linear_head(dim, num_classes)).to(env.device)
+    reference = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
+    digest = weights_digest(reference)
+    backbone.requires_grad_(finetune)
+    groups = [{"params": model[1].parameters(), "lr_scale": 1.0}]
+    if finetune:
+        groups.append({"params": backbone.parameters(), "lr_scale": args.backbone_lr_scale})
+    opt = torch.optim.SGD(groups, lr=base_lr, momentum=0.9, weight_decay=args.weight_decay)
+    start, best = 0, 0.0
+    ckpt, changes = resume
+    if ckpt is not None:
+        on_main(env, log_changes, out_dir, ckpt["epoch"] + 1, changes)
+        load_state(model, ckpt["model"], f"evaluation checkpoint {out_dir}/checkpoint.pth")
+        load_state(opt, ckpt["optimizer"], f"the optimizer state of {out_dir}/checkpoint.pth")
+        start, best = ckpt["epoch"], ckpt["best_top1"]
+    ddp = DistributedDataParallel(model) if env.world_size > 1 else model
+    sampler = torch.utils.data.DistributedSampler(train_set, env.world_size, env.rank, seed=args.seed)
+    loader = torch.utils.data.DataLoader(train_set, args.batch_size // env.world_size, sampler=sampler,
+                                         num_workers=args.workers, pin_memory=env.device.type == "cuda")
+    mine = torch.utils.data.Subset(test_set, range(env.rank, len(test_set), env.world_size))
+    test_loader = torch.utils.data.DataLoader(mine, args.batch_size // env.world_size, num_workers=args.workers)
+    top1, top5 = 0.0, 0.0
+    for epoch in range(start, args.epochs):
+        sampler.set_epoch(epoch)
+        torch.manual_seed(args.seed + 1000 * epoch + env.rank)
+        loss, lr = train_epoch(model, ddp, backbone, loader, opt, epoch, base_lr, args, env, finetune)
         top1, top5 = evaluate(model, test_loader, env)
         is_best, best = top1 > best, max(best, top1)
-        if env.main:
-            if is_best:
-                save_checkpoint(os.path.join(out_dir, "best.pth"), {"model": model.state_dict(), "top1": top1})
-            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                        "epoch": epoch + 1, "best_top1": best, "source": source or {}})
-            append_json(os.path.join(out_dir, "log.txt"), {"epoch": epoch + 1, "loss": loss.item(), "lr": lr,
-                                                           "top1": top1, "top5": top5})
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "best_top1": best,
+                 "source": source or {}, "backbone_sha256": digest, "args": vars(args),
+                 "world_size": env.world_size, "runtime": runtime(env)}
+        on_main(env, save_epoch, out_dir, state, {"epoch": epoch + 1, "loss": loss.item(), "lr": lr, "top1": top1,
+                                                  "top5": top5}, is_best)
     if start >= args.epochs:  # resumed a finished run: report its final classifier
         top1, top5 = evaluate(model, test_loader, env)
     if not finetune:
@@ -413,68 +480,99 @@ def knn_sets(args, pre: dict, train_set, test_set):
 
 
 # ------------------------------------------------------------------------------------ run ---
-def on_main(env, write, *write_args) -> None:
-    """write(*write_args) on rank 0 only; its ConfigError stops every rank, so none is left
-    waiting in a collective."""
-    error = None
+def on_main(env, write, *write_args):
+    """write(*write_args) on rank 0 only, returning what it returns there (None elsewhere); its
+    ConfigError stops every rank, so none is left waiting in a collective."""
+    error, value = None, None
     if env.main:
         try:
-            write(*write_args)
+            value = write(*write_args)
         except ConfigError as e:
             error = e
     if not distributed.all_ok(error is None, env.device):
         raise error or ConfigError("rank 0 could not write its output; see its error")
+    return value
 
 
-def evaluate_backbone(backbone, dim, pre, args, env, out_dir: str, source: dict) -> dict:
-    """The kNN, cached-feature probe, probe or fine-tuning figures as a results.txt entry."""
+def claim_output_dir(out_dir: str) -> RunLock:
+    """Create the output folder and hold its run lock: a second evaluation into it is refused
+    (one line) instead of mixing the files of both."""
+    prepare_output_dir(out_dir)
+    return RunLock(out_dir, "evaluation")
+
+
+def evaluate_backbone(backbone, dim, pre, args, env, out_dir: str, source: dict, resume: tuple) -> dict:
+    """The kNN, cached-feature probe, probe or fine-tuning figures as a results.txt entry,
+    printed as one JSON line before it is appended to results.txt (a full disk loses nothing)."""
     train_set, test_set, num_classes = eval_sets(args, pre, augment=not (args.knn or args.cache_features))
     if args.knn:
         train_set, test_set, k, t = knn_sets(args, pre, train_set, test_set)
-    on_main(env, prepare_output_dir, out_dir)  # the data is there: the first write
-    backbone = backbone.to(env.device)
-    result = {"train_images": len(train_set), "test_images": len(test_set)}
-    base_lr = (args.lr if args.lr is not None else 3.0 if pre["arch"].startswith("vit") else 0.1) \
-        * args.batch_size / 256
-    if args.knn:
-        result.update(knn_k=k, knn_t=t, top1=knn_accuracy(
-            backbone, train_set, test_set, num_classes, args.batch_size // env.world_size, args.workers,
-            env.device, env.rank, env.world_size, k, t))
-    elif args.cache_features:
-        result["top1"], result["top5"], logs = probe_cached(backbone, dim, num_classes, train_set, test_set,
-                                                            args, env, base_lr)
-        result.update(epochs=args.epochs, protocol="cached features, no augmentation")
-        for line in logs if env.main else []:
-            append_json(os.path.join(out_dir, "log.txt"), line)
-    else:
-        top1, top5, best = train_classifier(backbone, dim, num_classes, train_set, test_set, args, env,
-                                            base_lr, args.train_percent is not None, out_dir, source)
-        result.update(top1=top1, top5=top5, best_top1=best, epochs=args.epochs)
+    lock = on_main(env, claim_output_dir, out_dir)  # the data is there: the first write
+    try:
+        backbone = backbone.to(env.device)
+        result = {**source, "arch": pre["arch"], "train_images": len(train_set), "test_images": len(test_set)}
+        base_lr = (args.lr if args.lr is not None else 3.0 if pre["arch"].startswith("vit") else 0.1) \
+            * args.batch_size / 256
+        if args.knn:
+            result.update(knn_k=k, knn_t=t, top1=knn_accuracy(
+                backbone, train_set, test_set, num_classes, args.batch_size // env.world_size, args.workers,
+                env.device, env.rank, env.world_size, k, t))
+        elif args.cache_features:
+            result["top1"], result["top5"], logs = probe_cached(backbone, dim, num_classes, train_set, test_set,
+                                                                args, env, base_lr)
+            result.update(epochs=args.epochs, protocol="cached features, no augmentation")
+            on_main(env, write_lines, os.path.join(out_dir, "log.txt"), logs)
+        else:
+            top1, top5, best = train_classifier(backbone, dim, num_classes, train_set, test_set, args, env,
+                                                base_lr, args.train_percent is not None, out_dir, source, resume)
+            result.update(top1=top1, top5=top5, best_top1=best, epochs=args.epochs)
+        report(env, result)
+        on_main(env, append_json, os.path.join(out_dir, "results.txt"), result,
+                "the result is printed above; free some space and rerun to keep it in results.txt")
+    finally:
+        if lock is not None:
+            lock.release()
     return result
+
+
+def write_lines(path: str, entries: list) -> None:
+    for entry in entries:
+        append_json(path, entry)
+
+
+def report(env, result: dict) -> None:
+    """The result as one JSON line on stdout (rank 0), before any file holds it."""
+    if env.main:
+        print(json.dumps(result), flush=True)
 
 
 def run(args, env) -> dict:
-    """Check the options and where they write, then export or evaluate; the result entry."""
+    """Check the options and where they write, then export or evaluate; the result entry,
+    printed as one JSON line."""
     check_options(args, env.world_size)
     mode = mode_of(args)
-    out_dir = None if args.export else output_folder(args, mode)
-    if args.export:
+    out_dir = None if mode == "export" else output_folder(args, mode)
+    if mode == "export":
         check_export_target(args.export, args.checkpoint, args.force)
     else:
         check_output_dir(out_dir, args.output_dir is not None, args.checkpoint)
-    backbone, dim, pre, pre_epoch = load_backbone(args.checkpoint, args.arch, args.random_init, args.seed)
-    if args.export:  # one writer: every rank holds the same weights
+    backbone, dim, pre, (pre_epoch, pre_step) = load_backbone(args.checkpoint, args.arch, args.random_init,
+                                                               args.seed)
+    if mode == "export":  # one writer: every rank holds the same weights
         on_main(env, export_backbone, backbone, args.export)
-        return {"export": args.export, "arch": pre["arch"], "stem": pre.get("stem", "auto"),
-                "image_size": pre["image_size"], "random_init": args.random_init}
+        result = {"export": args.export, "arch": pre["arch"], "stem": pre.get("stem", "auto"),
+                  "image_size": pre["image_size"], "random_init": args.random_init}
+        report(env, result)
+        return result
     # what an evaluation folder's checkpoint must match to be resumed: the weights, and the
-    # protocol and data (a 1 % fine-tuning must not continue as a 10 % one)
+    # protocol and data (a 1 % fine-tuning must not continue as a 10 % one). pretrain_step_in_epoch:
+    # nonzero for a checkpoint saved inside epoch pretrain_epoch + 1 (a SIGTERM)
     source = {"checkpoint": os.path.abspath(args.checkpoint), "pretrain_epoch": pre_epoch,
-              "random_init": args.random_init, "mode": mode, "dataset": args.dataset or pre["dataset"]}
-    result = {**source, "arch": pre["arch"], **evaluate_backbone(backbone, dim, pre, args, env, out_dir, source)}
-    if env.main:
-        append_json(os.path.join(out_dir, "results.txt"), result)
-    return result
+              "pretrain_step_in_epoch": pre_step, "random_init": args.random_init, "mode": mode,
+              "dataset": args.dataset or pre["dataset"]}
+    resume = (None, []) if args.knn or args.cache_features else resume_classifier(
+        os.path.join(out_dir, "checkpoint.pth"), source, weights_digest(backbone.state_dict()), args, env)
+    return evaluate_backbone(backbone, dim, pre, args, env, out_dir, source, resume)
 
 
 def main(argv=None) -> dict:
@@ -492,8 +590,6 @@ def main(argv=None) -> dict:
         cli.fail(e, show=env.main if env else int(os.environ.get("RANK", "0")) == 0)
     finally:
         distributed.cleanup()
-    if env.main:
-        print(json.dumps(result))
     return result
 
 

@@ -48,7 +48,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import ignore_sigterm
+from data import closing_workers, ignore_sigterm
 from distributed import all_gather, all_reduce_sum, world_size as process_count
 from progress import show_bars
 
@@ -99,18 +99,19 @@ def encode_shard(backbone, dataset, batch_size: int, workers: int, device, rank:
     backbone.eval()
     feats, labels, at, stopped = None, torch.empty(per_rank, dtype=torch.long, device=device), 0, False
     try:
-        for i, (x, y) in enumerate(tqdm(loader, desc=desc, disable=not show_bars(rank == 0), leave=False)):
-            if stop is not None and (world_size == 1 or i % stop_every == 0) \
-                    and _any_rank_stopped(stop, world_size, device):
-                stopped = True
-                break
-            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                f = backbone(x.to(device, non_blocking=True)).float()             # (b, D)
-            if feats is None:  # written in place: no list of batches + concatenated copy
-                feats = torch.empty(per_rank, f.shape[1], dtype=dtype, device=device)  # (P, D)
-            feats[at:at + len(f)] = F.normalize(f, dim=1) if normalize else f
-            labels[at:at + len(f)] = torch.as_tensor(y, device=device)
-            at += len(f)
+        with closing_workers(loader) as batches:
+            for i, (x, y) in enumerate(tqdm(batches, desc=desc, disable=not show_bars(rank == 0), leave=False)):
+                if stop is not None and (world_size == 1 or i % stop_every == 0) \
+                        and _any_rank_stopped(stop, world_size, device):
+                    stopped = True
+                    break
+                with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                    f = backbone(x.to(device, non_blocking=True)).float()             # (b, D)
+                if feats is None:  # written in place: no list of batches + concatenated copy
+                    feats = torch.empty(per_rank, f.shape[1], dtype=dtype, device=device)  # (P, D)
+                feats[at:at + len(f)] = F.normalize(f, dim=1) if normalize else f
+                labels[at:at + len(f)] = torch.as_tensor(y, device=device)
+                at += len(f)
     finally:
         backbone.train(was_training)
     if stopped:

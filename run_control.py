@@ -21,7 +21,7 @@ import torch
 import cli
 import distributed
 from checkpoint import (ConfigError, RunLock, append_json, check_output_dir, check_resume, load_checkpoint,
-                        load_state, prepare_output_dir, save_checkpoint)
+                        load_state, prepare_output_dir, save_checkpoint, write_json)
 from batch_norm import convert_to_global_batch_norm
 from data import DataError
 from knn import knn_accuracy
@@ -137,8 +137,7 @@ class Run:
             try:
                 prepare_output_dir(self.args.output_dir)
                 self.lock = RunLock(self.args.output_dir)
-                with open(os.path.join(self.args.output_dir, "args.json"), "w") as f:
-                    json.dump(vars(self.args), f, indent=2)
+                write_json(os.path.join(self.args.output_dir, "args.json"), vars(self.args))
                 for change in changes:
                     print(f"resumed with a changed option (--allow-changed-args): {change}")
                 if changes:  # logged with the first epoch they apply to

@@ -26,7 +26,8 @@ from PIL import Image, ImageDraw
 import cli
 from checkpoint import ConfigError, checkpoint_data_path, load_checkpoint, load_state, read_log
 from cli import nonneg_int, positive_int
-from data import IMAGENET_MEAN_STD, MEAN_STD, DataError, SkipUnreadable, build_dataset, eval_transform, fixed_subset
+from data import (IMAGENET_MEAN_STD, MEAN_STD, DataError, SkipUnreadable, build_dataset, closing_workers,
+                  eval_transform, fixed_subset)
 from memory_queue import MemoryQueue
 from model import SNCLR, build_model
 from neighbour_monitor import auroc
@@ -119,12 +120,13 @@ def encode(model: SNCLR, dataset, batch_size: int, workers: int, device, online:
     y = g(f(x)) (n, dim) of a data set, in its order, batch by batch (on the CPU)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=workers)
     keys, ys, labels = [], [], []
-    for x, y in loader:
-        x = x.to(device)
-        keys.append(model.momentum_keys(x).cpu())
-        if online:
-            ys.append(model.projector(model.backbone(x)).cpu())
-        labels.append(torch.as_tensor(y))
+    with closing_workers(loader) as batches:  # an unreadable image ends its workers too
+        for x, y in batches:
+            x = x.to(device)
+            keys.append(model.momentum_keys(x).cpu())
+            if online:
+                ys.append(model.projector(model.backbone(x)).cpu())
+            labels.append(torch.as_tensor(y))
     return torch.cat(keys), torch.cat(ys) if online else None, torch.cat(labels)
 
 

@@ -9,7 +9,6 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 from torchvision import datasets
 
 from data import FASHION_MNIST_DEB, FashionMNIST, two_view_transforms
