@@ -1,8 +1,8 @@
 """The paper's ablations at equal budget: K = 0 (InfoNCE / MoCo v3), positiveness cosine /
 sharper cosine (a temperature) / attention / attention with a learned scale / hard / none, loss
 form code / paper, and K in {1, 5, 30}, several seeds each, beside the untrained encoder of each
-seed. Besides kNN and linear top-1, each row reports what the soft neighbours did in the last
-epoch (neighbour_monitor.py): the share of neighbours of the query's class (nn_agree), the share
+seed. Besides kNN and linear top-1, each row reports what the soft neighbors did in the last
+epoch (neighbor_monitor.py): the share of neighbors of the query's class (nn_agree), the share
 of w that lands on them (w_agree) and the AUROC of w for telling them from other-class ones.
 
 Every run is a plain `train.py` command (printed before it starts) followed by an
@@ -99,7 +99,7 @@ def probe(checkpoint: str, seed: int, args, *extra) -> list:
             "--seed", str(seed), *extra]
 
 
-# Last-epoch figures of the neighbour-quality monitor carried into each row.
+# Last-epoch figures of the neighbor-quality monitor carried into each row.
 QUALITY = ("nn_agree", "nn_top1_agree", "w_agree", "w_same", "w_other", "w_auroc")
 
 
@@ -181,7 +181,7 @@ def summarise(rows: list) -> dict:
         entry = {"seeds": [r["seed"] for r in mine]}
         for key in ("knn_top1", "linear_top1", "knn_random_init", "w_mean", *QUALITY, "gamma", "minutes"):
             vals = [r[key] for r in mine if r.get(key) is not None]
-            if not vals:  # e.g. the random-init row has no positiveness; InfoNCE no neighbours
+            if not vals:  # e.g. the random-init row has no positiveness; InfoNCE no neighbors
                 continue
             entry[key] = {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
                           "min": min(vals), "max": max(vals)}

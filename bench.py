@@ -3,7 +3,7 @@
 The step benchmark (default): one model, the paper's settings (queue 65536, K = 30, dim 256,
 MLP 4096). The full training step (train.py's train_step) is timed alternately with K = 30 and
 with K = 0, which is the baseline with the same weights and queue; the median over repeats gives
-the ratio. The SNCLR-only parts (neighbour search for both views, positiveness, the larger loss)
+the ratio. The SNCLR-only parts (neighbor search for both views, positiveness, the larger loss)
 are timed alone and reported as shares of the SNCLR step, and the search is timed for queue sizes
 from 4k to 1M entries and several K. --channels-last and --compile time the step as train.py runs
 it on a GPU (torch.channels_last for ResNets; torch.compile of the two backbones).
@@ -223,12 +223,12 @@ def part_times(model, args, device):
         info_nce(z, keys, 0.2).backward()
 
     search = timed(lambda: model.queue.nearest_indices(keys, K), device, args.repeats)
-    return {"neighbour_search": 2 * search, "positiveness": 2 * timed(positiveness, device, args.repeats),
+    return {"neighbor_search": 2 * search, "positiveness": 2 * timed(positiveness, device, args.repeats),
             "loss_extra": 2 * max(timed(extra_loss, device, args.repeats) - timed(base_loss, device, args.repeats), 0.0)}
 
 
 def search_scaling(args, device):
-    """Median ms of one view's neighbour search (B queries) for each queue size and K."""
+    """Median ms of one view's neighbor search (B queries) for each queue size and K."""
     rows = []
     for size in args.scaling_queues:
         queue = MemoryQueue(size, args.dim).to(device)

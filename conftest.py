@@ -87,7 +87,7 @@ def fails_in_process(capsys, main, argv, status=None) -> str:
 
 def _knn_sets():
     """Train / test TensorDatasets with 37 / 23 items (odd: one shard of each is padded), 5
-    classes as noisy centres, so neighbours carry information."""
+    classes as noisy centres, so neighbors carry information."""
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(5, 48, generator=g)
     def make(n):

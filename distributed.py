@@ -55,7 +55,7 @@ def world_size() -> int:
 def all_gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenate x (B, ...) from every rank in rank order -> (R * B, ...), no gradient.
 
-    SNCLR gathers momentum keys and neighbour indices, neither of which carries a gradient
+    SNCLR gathers momentum keys and neighbor indices, neither of which carries a gradient
     (MoCo v3's concat_all_gather). Every rank must pass the same shape.
     """
     if world_size() == 1:

@@ -62,7 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
       "train.py is taken relative to the parent of the checkpoint's folder)")
     a("--knn", action="store_true", help="weighted kNN on frozen features instead of a linear probe; with "
       "the checkpoint's kNN settings it equals train.py's monitor figure for the checkpoint's epoch")
-    a("--knn-k", type=positive_int, default=None, help="kNN neighbours; default: the checkpoint's --knn-k "
+    a("--knn-k", type=positive_int, default=None, help="kNN neighbors; default: the checkpoint's --knn-k "
       "(train.py's default 200, InstDisc)")
     a("--knn-t", type=positive_float, default=None, help="kNN vote temperature; default: the checkpoint's "
       "--knn-t (train.py's default 0.07, InstDisc)")

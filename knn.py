@@ -1,4 +1,4 @@
-"""Weighted k-nearest-neighbour classification on frozen features (Wu et al. 2018, InstDisc).
+"""Weighted k-nearest-neighbor classification on frozen features (Wu et al. 2018, InstDisc).
 
 The monitor of every self-supervised run: no training, so it also measures a random encoder.
 A test image votes with its k most cosine-similar training images, each vote weighted by

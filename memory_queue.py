@@ -1,9 +1,9 @@
-"""The memory queue C of SNCLR and the candidate-neighbour search (paper Sec. 3.1, Eq. 3).
+"""The memory queue C of SNCLR and the candidate-neighbor search (paper Sec. 3.1, Eq. 3).
 
 C is a FIFO of L2-normalised momentum-branch projections k = g'(f'(x)). Each step the
 training loop first searches C for the K nearest entries of every key (Eq. 3), and only
 *after* the loss is computed enqueues this step's gathered view-2 keys, so an image is never
-its own neighbour within a step.
+its own neighbor within a step.
 
 Unlike the released code, which starts each GPU's bank from random vectors and never
 synchronises it, this queue starts empty, searches only the slots that hold real keys, and is
@@ -12,8 +12,8 @@ in persistent buffers, so `model.state_dict()` checkpoints it.
 
 Beside each key the queue keeps the class label of its image (-1 when unknown). SNCLR never
 reads them: the search and the loss see only the features (a test checks that the loss does
-not depend on them). They exist for the neighbour-quality monitor (neighbour_monitor.py),
-which asks how many of the neighbours share the query's class.
+not depend on them). They exist for the neighbor-quality monitor (neighbor_monitor.py),
+which asks how many of the neighbors share the query's class.
 """
 import torch
 import torch.nn as nn
@@ -88,7 +88,7 @@ class MemoryQueue(nn.Module):
     def nearest_neighbors(self, query: torch.Tensor, k: int) -> torch.Tensor:
         """Eq. 3: NN(q) = the k entries c of C with the largest cos(q, c).
 
-        query (B, dim) -> neighbours (B, k, dim), unit norm, most similar first. Only filled
+        query (B, dim) -> neighbors (B, k, dim), unit norm, most similar first. Only filled
         slots are searched; k larger than the number of filled slots is an error.
         """
         return self.features[self.nearest_indices(query, k)]  # (B, k, dim)
@@ -107,5 +107,5 @@ class MemoryQueue(nn.Module):
         if query.dim() != 2 or query.shape[1] != self.dim:
             raise ValueError(f"query must have shape (B, {self.dim}), got {tuple(query.shape)}")
         if not 0 <= k <= self._filled:
-            raise ValueError(f"asked for k={k} neighbours but the queue holds {self._filled} entries "
+            raise ValueError(f"asked for k={k} neighbors but the queue holds {self._filled} entries "
                              f"(size {self.size}); k must be in [0, {self._filled}]")

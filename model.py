@@ -163,7 +163,7 @@ class SNCLR(nn.Module):
             raise ValueError(f"temperature tau must be a finite number > 0, got {tau}")
         if not 0 <= num_neighbors <= queue_size:
             raise ValueError(f"num_neighbors K={num_neighbors} must be in [0, queue_size="
-                             f"{queue_size}]: the neighbours are searched in the queue")
+                             f"{queue_size}]: the neighbors are searched in the queue")
         if loss_form not in FORMS:
             raise ValueError(f"unknown loss form {loss_form!r}; choose one of {FORMS}")
         self.tau, self.num_neighbors, self.loss_form = tau, num_neighbors, loss_form
@@ -209,8 +209,8 @@ class SNCLR(nn.Module):
         """Symmetric SNCLR loss 2 * tau * (L(z1; k2) + L(z2; k1)) and the positiveness w.
 
         x1, x2 (B, 3, H, W) this rank's two views; keys1, keys2 (N, dim) momentum keys gathered
-        over ranks; neighbors1, neighbors2 (N, K, dim) their neighbours in the queue (Eq. 3).
-        Returns (loss, w) with w (2B, K) detached: rows 0..B-1 weigh view 1's neighbours NN(k2),
+        over ranks; neighbors1, neighbors2 (N, K, dim) their neighbors in the queue (Eq. 3).
+        Returns (loss, w) with w (2B, K) detached: rows 0..B-1 weigh view 1's neighbors NN(k2),
         rows B..2B-1 view 2's NN(k1) (for monitoring). The 2 * tau factor is MoCo v3's: it makes
         the gradient scale independent of tau.
         """

@@ -40,7 +40,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--stop-grad-patch", action=argparse.BooleanOptionalAction, default=True,
       help="ViT only: freeze the random patch embedding (MoCo v3's stability trick)")
     # SNCLR
-    a("-K", "--num-neighbors", type=nonneg_int, default=30, help="neighbours per key (Eq. 3); the paper's "
+    a("-K", "--num-neighbors", type=nonneg_int, default=30, help="neighbors per key (Eq. 3); the paper's "
       "ablation finds 30 best; 0 gives the MoCo v3 / InfoNCE baseline")
     a("--queue-size", type=positive_int, default=65536, help="memory queue C; 'relatively large' in the "
       "paper, 128000 in the released ViT-S run; must hold at least one global batch")
@@ -96,7 +96,7 @@ def get_args_parser() -> argparse.ArgumentParser:
       "skipping it (skips are counted in log.txt)")
     # monitor, output, runtime
     a("--knn-every", type=nonneg_int, default=1, help="kNN monitor every N epochs (0 = only before and after)")
-    a("--knn-k", type=positive_int, default=200, help="kNN neighbours (InstDisc)")
+    a("--knn-k", type=positive_int, default=200, help="kNN neighbors (InstDisc)")
     a("--knn-t", type=positive_float, default=0.07, help="kNN vote temperature (InstDisc)")
     a("--knn-train-size", type=nonneg_int, default=None, help="kNN bank: a fixed subset of the train split; "
       "default 100000 for imagenet (about 1 %% of an epoch's compute), else all (0)")

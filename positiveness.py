@@ -1,6 +1,6 @@
-"""Positiveness w: how much each candidate neighbour counts as a positive (paper Sec. 3.2, Eq. 4).
+"""Positiveness w: how much each candidate neighbor counts as a positive (paper Sec. 3.2, Eq. 4).
 
-For a local sample b with online projector output y1_b (B, D) and the K neighbours of its
+For a local sample b with online projector output y1_b (B, D) and the K neighbors of its
 key NN(k2_b) (B, K, D) taken from the queue (Eq. 3):
 
     w_bi = softmax_i( f1(y1_b) . f2(NN(k2_b)_i) )                                   (Eq. 4)
@@ -11,15 +11,15 @@ code has no parameters at all. Both readings are here, plus two ablations:
   mode        w_bi                                          parameters        gradient into y1
   cosine      softmax_i cos(y1_b, n_bi) / t   (released: t=1) none              yes
   attention   softmax_i gamma * f1(^y1_b) . f2(^n_bi)       f1, f2 (+ gamma)  yes
-  hard        1   (every neighbour a full positive)          none              no
-  none        0   (neighbours only as extra negatives)       none              no
+  hard        1   (every neighbor a full positive)          none              no
+  none        0   (neighbors only as extra negatives)       none              no
 
 (^v is v / ||v||.) Cosines lie in [-1, 1], so the released rule (t = 1) keeps w within a
 factor e^2 of uniform: measured w stays within 1/K +- 0.003 at K = 5. The two sharper options
 are the temperature t of the cosine rule (t < 1 sharpens, as a contrastive temperature does)
 and, for attention, the paper's scaling factor gamma learned (log-parameterised, starting at
 1). w is never detached: as in the released code, the loss gradient flows through w into the
-online projector output, which nudges w towards the neighbours the predictor already finds
+online projector output, which nudges w towards the neighbors the predictor already finds
 likely.
 """
 import math
@@ -65,7 +65,7 @@ def attention_positiveness(y: torch.Tensor, neighbors: torch.Tensor, f1: torch.T
 
 
 class Positiveness(nn.Module):
-    """w (B, K) from the online projector output y (B, D) and neighbours (B, K, D) (Eq. 4).
+    """w (B, K) from the online projector output y (B, D) and neighbors (B, K, D) (Eq. 4).
 
     temperature: t of the cosine rule (1 = released). learn_gamma: attention only, gamma =
     exp(log_gamma) with log_gamma a parameter starting at 0 (gamma = 1); the log keeps gamma

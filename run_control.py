@@ -287,6 +287,6 @@ def summary_line(baseline: float, log: dict, epochs: int) -> str:
     line = f"kNN top-1: random init {baseline:.2f}% -> after {epochs} epochs {log['knn_top1']:.2f}%"
     if "nn_agree" in log:
         fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731 (undefined: e.g. w = 0 throughout)
-        line += (f"; last epoch: {100 * log['nn_agree']:.1f}% of neighbours share the class, mean w "
+        line += (f"; last epoch: {100 * log['nn_agree']:.1f}% of neighbors share the class, mean w "
                  f"{fmt(log['w_same'])} same / {fmt(log['w_other'])} other class, w AUROC {fmt(log['w_auroc'])}")
     return line

@@ -189,14 +189,14 @@ def test_visualize_calibration_on_smoke_checkpoint(smoke_run, tmp_path, capsys):
     out = tmp_path / "calibration.png"
     visualize.main(["calibration", str(smoke_run / "checkpoint.pth"), "--out", str(out), "--workers", "0"])
     line = capsys.readouterr().out
-    assert "K=2, 16 queries x 2 neighbours in a bank of 64" in line and "AUROC " in line, line
+    assert "K=2, 16 queries x 2 neighbors in a bank of 64" in line and "AUROC " in line, line
     with Image.open(out) as img:
         assert img.format == "PNG" and img.size == (760, 460)
 
 
 def test_visualize_calibration_figures():
     import visualize
-    from neighbour_monitor import auroc
+    from neighbor_monitor import auroc
     w = torch.tensor([[0.5, 0.3, 0.2], [0.6, 0.3, 0.3]])
     same = torch.tensor([[True, False, False], [True, True, False]])
     f = visualize.calibration_figures(w, same)
@@ -207,12 +207,12 @@ def test_visualize_calibration_figures():
     assert visualize.calibration_figures(w, torch.ones_like(same))["auroc"] is None
 
 
-def test_visualize_neighbours_and_curves_on_smoke_run(smoke_run, tmp_path, capsys):
+def test_visualize_neighbors_and_curves_on_smoke_run(smoke_run, tmp_path, capsys):
     from PIL import Image
     import visualize
-    visualize.main(["neighbours", str(smoke_run / "checkpoint.pth"), "--out", str(tmp_path / "n.png"),
+    visualize.main(["neighbors", str(smoke_run / "checkpoint.pth"), "--out", str(tmp_path / "n.png"),
                     "--queries", "3", "--workers", "0"])
-    assert "3 queries x 2 neighbours" in capsys.readouterr().out
+    assert "3 queries x 2 neighbors" in capsys.readouterr().out
     visualize.main(["curves", str(smoke_run / "log.txt"), "--out", str(tmp_path / "c.png")])
     with Image.open(tmp_path / "c.png") as img:  # the smoke log has nn_agree / w_agree: a third panel
         assert img.format == "PNG" and img.size == (1360, 350)
@@ -225,7 +225,7 @@ def test_visualize_bad_input_fails_with_one_line(smoke_run, tmp_path, capsys):
     cases = [(["calibration", str(tmp_path / "none.pth"), "--out", out], 1, "none.pth: no such file"),
              (["calibration", str(smoke_run), "--out", out], 1, "is a directory"),
              (["calibration", ckpt, "--queries", "0"], 2, "argument --queries: must be a finite number > 0"),
-             (["neighbours", ckpt, "-K", "0"], 2, "argument -K: must be a finite number > 0"),
+             (["neighbors", ckpt, "-K", "0"], 2, "argument -K: must be a finite number > 0"),
              (["calibration", ckpt, "--bank-size", "-1"], 2, "argument --bank-size: must be a finite number >= 0"),
              (["calibration", ckpt, "--queries", "17", "--workers", "0", "--out", out], 1,
               "--queries 17 is more than the 16 test images"),

@@ -284,7 +284,7 @@ def test_the_training_step_train_py_runs_never_waits_for_the_gpu(compiled):
     bf16 autocast through the DDP wrapper (distributed.wrap_ddp) on a one-process NCCL group,
     GlobalBatchNorm (its all-reduce path), LARS and AdamW as train.py builds them, with and
     without torch.compile of the backbones (and of the augmentation), then Progress.add and
-    NeighbourQuality.update."""
+    NeighborQuality.update."""
     import augment
     import distributed
     import options
@@ -292,7 +292,7 @@ def test_the_training_step_train_py_runs_never_waits_for_the_gpu(compiled):
     from batch_norm import convert_to_global_batch_norm
     from lars import LARS, param_groups
     from model import SNCLR
-    from neighbour_monitor import NeighbourQuality
+    from neighbor_monitor import NeighborQuality
     from progress import Progress
     dev = torch.device("cuda", torch.cuda.current_device())
     torch.distributed.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
@@ -318,7 +318,7 @@ def test_the_training_step_train_py_runs_never_waits_for_the_gpu(compiled):
         for path in ("resident", "loader"):
             views, sampler = nosync_views(path, dev, compiled, n, size, batch)
             for name, optimizer in optimizers.items():
-                progress, quality = Progress(args, env, 0, 0, n // batch), NeighbourQuality(dev)
+                progress, quality = Progress(args, env, 0, 0, n // batch), NeighborQuality(dev)
                 for epoch, strict in enumerate((False, True)):       # a warm-up epoch first
                     for group in optimizer.param_groups:
                         group["lr"] = 0.01                            # train.py sets a float each step

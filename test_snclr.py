@@ -14,7 +14,7 @@ from lars import LARS
 from loss import info_nce, snclr_loss
 from memory_queue import MemoryQueue
 from model import SNCLR, build_backbone, momentum_schedule
-from neighbour_monitor import NeighbourQuality
+from neighbor_monitor import NeighborQuality
 from positiveness import Positiveness
 from conftest import HERE, TINY, unit, SMOKE
 
@@ -40,7 +40,7 @@ def loop_snclr(z, keys, neighbors, w, tau, rank, form):
         cands = [[keys[j]] + [neighbors[j, i] for i in range(K)] for j in range(N)]
         expo = [[math.exp(cos(z[b], c) / tau) for c in row] for row in cands]
         denom = sum(sum(row) for row in expo)
-        p = [e / denom for e in expo[rank * B + b]]            # own key, then own neighbours
+        p = [e / denom for e in expo[rank * B + b]]            # own key, then own neighbors
         if form == "paper":
             total += -math.log(p[0] + sum(float(w[b, i]) * p[i + 1] for i in range(K)))
         else:
@@ -90,7 +90,7 @@ def test_eq2_zero_weights_make_both_forms_eq1_over_the_candidates():
     z, keys, nb = torch.randn(4, 6), torch.randn(4, 6), torch.randn(4, 3, 6)
     w = torch.zeros(4, 3)
     code, paper = snclr_loss(z, keys, nb, w, 0.5, form="code"), snclr_loss(z, keys, nb, w, 0.5, form="paper")
-    # InfoNCE over the enlarged set: place all neighbours after the keys; positives stay rows 0..B-1
+    # InfoNCE over the enlarged set: place all neighbors after the keys; positives stay rows 0..B-1
     enlarged = torch.cat([keys, nb.reshape(-1, 6)])
     assert code.item() == pytest.approx(info_nce(z, enlarged, 0.5).item(), rel=1e-5)
     assert paper.item() == pytest.approx(code.item(), rel=1e-5)
@@ -206,8 +206,8 @@ def test_eq4_learned_gamma_starts_at_one_scales_the_logits_and_learns():
     w = att(y, nb)
     e = [math.exp(3 * cos(y[1], nb[1, i])) for i in range(4)]
     assert w[1, 2].item() == pytest.approx(e[2] / sum(e), rel=1e-12)
-    z, keys, neighbours = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64), nb
-    snclr_loss(z, keys, neighbours, att(y, nb), 0.2).backward()
+    z, keys, neighbors = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64), nb
+    snclr_loss(z, keys, neighbors, att(y, nb), 0.2).backward()
     assert att.log_gamma.grad is not None and att.log_gamma.grad.abs().item() > 0
     assert "log_gamma" not in dict(Positiveness(6, "attention").named_parameters())  # fixed gamma = 1
     with pytest.raises(ValueError, match="temperature applies to mode 'cosine' only"):
@@ -296,7 +296,7 @@ def test_eq3_queue_searches_filled_slots_only():
     query = -entries.sum(0, keepdim=True)  # negative cosine with every filled entry: an empty
     idx = q.nearest_indices(query, 4)      # (zero) slot would score 0 and win if searched
     assert sorted(idx[0].tolist()) == [0, 1, 2, 3]
-    with pytest.raises(ValueError, match="k=5 neighbours but the queue holds 4"):
+    with pytest.raises(ValueError, match="k=5 neighbors but the queue holds 4"):
         q.nearest_neighbors(query, 5)
 
 
@@ -400,7 +400,7 @@ def test_eq1_model_with_k0_is_symmetric_infonce():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_eq2_eq4_model_pairs_each_view_with_the_other_views_neighbours():
+def test_eq2_eq4_model_pairs_each_view_with_the_other_views_neighbors():
     """L(z1; k2, NN(k2), w(y1, NN(k2))) + L(z2; k1, NN(k1), w(y2, NN(k1))), rank rows of the gathers."""
     torch.manual_seed(0)
     m = SNCLR("resnet18", **TINY, tau=0.3, num_neighbors=3, queue_size=8)
@@ -562,7 +562,7 @@ def test_foreach_lars_with_a_zero_update_keeps_the_parameter():
     assert torch.equal(p.detach(), torch.ones(3, 2, dtype=torch.float64))
 
 
-# ----------------------------------------------------- neighbour_monitor.py ---
+# ----------------------------------------------------- neighbor_monitor.py ---
 def loop_auroc(scores, positive):
     """P(a positive outscores a negative), ties one half: every (positive, negative) pair."""
     pos = [s for s, p in zip(scores, positive) if p]
@@ -572,7 +572,7 @@ def loop_auroc(scores, positive):
 
 
 def test_auroc_matches_pair_loop_and_analytic_cases():
-    from neighbour_monitor import auroc
+    from neighbor_monitor import auroc
     g = torch.Generator().manual_seed(0)
     scores = (torch.rand(60, generator=g) * 5).round() / 5        # many ties
     positive = torch.rand(60, generator=g) < 0.4
@@ -583,14 +583,14 @@ def test_auroc_matches_pair_loop_and_analytic_cases():
     assert math.isnan(auroc(ordered, torch.ones(10, dtype=torch.bool)))
 
 
-def test_neighbour_quality_matches_loop():
-    from neighbour_monitor import NeighbourQuality
+def test_neighbor_quality_matches_loop():
+    from neighbor_monitor import NeighborQuality
     g = torch.Generator().manual_seed(1)
     steps = [(torch.rand(6, 3, generator=g).softmax(1), torch.rand(6, 3, generator=g) < 0.5) for _ in range(3)]
-    quality = NeighbourQuality(torch.device("cpu"), sample_rows=6)
+    quality = NeighborQuality(torch.device("cpu"), sample_rows=6)
     for w, same in steps:
         quality.update(w, same)
-    quality.update(torch.empty(6, 0), torch.empty(6, 0, dtype=torch.bool))  # a step without neighbours
+    quality.update(torch.empty(6, 0), torch.empty(6, 0, dtype=torch.bool))  # a step without neighbors
     got = quality.summary()
     pairs = [(float(w[r, i]), bool(same[r, i])) for w, same in steps for r in range(6) for i in range(3)]
     same_w = [w for w, s in pairs if s]
@@ -601,16 +601,16 @@ def test_neighbour_quality_matches_loop():
     assert got["w_same"] == pytest.approx(sum(same_w) / len(same_w))
     assert got["w_other"] == pytest.approx(sum(other_w) / len(other_w))
     assert got["w_auroc"] == pytest.approx(loop_auroc([w for w, _ in pairs], [s for _, s in pairs]))
-    assert NeighbourQuality(torch.device("cpu")).summary() == {}
+    assert NeighborQuality(torch.device("cpu")).summary() == {}
 
 
-class _SeenByMonitor(NeighbourQuality):
+class _SeenByMonitor(NeighborQuality):
     """The monitor's input of the last step."""
     def update(self, w, same):
         self.w, self.same = w, same
 
 
-def test_train_step_marks_same_class_neighbours_and_the_loss_ignores_labels():
+def test_train_step_marks_same_class_neighbors_and_the_loss_ignores_labels():
     from train import train_step
     results = []
     for labels in (torch.tensor([0, 1, 0, 1]), torch.tensor([5, 5, 5, 5])):

@@ -26,7 +26,7 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch(arch):
     from train import train_step
     torch.manual_seed(0)
     m = SNCLR(arch, **TINY, tau=0.2, num_neighbors=2, queue_size=256, positiveness="attention")
-    m.queue.enqueue(torch.randn(16, 16))  # unrelated keys, so neighbours exist from step 1
+    m.queue.enqueue(torch.randn(16, 16))  # unrelated keys, so neighbors exist from step 1
     opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     x1, x2 = torch.randn(16, 3, 16, 16), torch.randn(16, 3, 16, 16)

@@ -31,7 +31,7 @@ import run_control
 from distributed import all_gather
 from lars import LARS, param_groups
 from model import RESNETS, SNCLR, momentum_schedule
-from neighbour_monitor import NeighbourQuality
+from neighbor_monitor import NeighborQuality
 from progress import Progress
 
 
@@ -59,7 +59,7 @@ def build_optimizer(model: nn.Module, args):
 
 
 def train_step(model: SNCLR, ddp_model: nn.Module, x1, x2, optimizer, scaler, m: float, rank: int = 0,
-               autocast=None, labels=None, quality: NeighbourQuality = None):
+               autocast=None, labels=None, quality: NeighborQuality = None):
     """One SNCLR step (the module docstring's pseudo-code). Returns (loss, w) on the device.
 
     model is the bare SNCLR, ddp_model the same wrapped for gradient averaging (or model itself
@@ -102,7 +102,7 @@ def train_one_epoch(run: run_control.Run, epoch: int):
     autocast = torch.autocast(env.device.type, torch.float16 if args.amp == "fp16" else torch.bfloat16,
                               enabled=cuda and args.amp != "none")
     channels_last = cuda and args.arch in RESNETS  # cuDNN's fastest convolution layout
-    progress, quality = Progress(args, env, epoch, run.start_it, steps), NeighbourQuality(env.device)
+    progress, quality = Progress(args, env, epoch, run.start_it, steps), NeighborQuality(env.device)
     kept = f"the last checkpoint in {args.output_dir} is kept" if epoch or run.start_it else "no checkpoint was written"
     it, stop, lr, m, waited = run.start_it, False, 0.0, 0.0, time.perf_counter()
     for (x1, x2), y in loader:

@@ -1,19 +1,19 @@
-"""Pictures of a run: soft neighbours with their positiveness, the calibration of w, and the
+"""Pictures of a run: soft neighbors with their positiveness, the calibration of w, and the
 training curves.
 
-    python visualize.py neighbours runs/long/checkpoint.pth --out neighbours.png
+    python visualize.py neighbors runs/long/checkpoint.pth --out neighbors.png
     python visualize.py calibration runs/long/checkpoint.pth --out calibration.png
     python visualize.py curves runs/long/log.txt --out curves.png
 
-`neighbours` and `calibration` encode a fixed subset of training images (the bank) with the
+`neighbors` and `calibration` encode a fixed subset of training images (the bank) with the
 momentum branch (k = g'(f'(x)), the keys SNCLR enqueues), find each test query's K nearest
 bank keys (Eq. 3) and score them with the checkpoint's own positiveness module (Eq. 4) from the
 query's online projection y, the model in eval mode. Labels are never used by SNCLR, only here:
-`neighbours` draws each test image and its neighbours, most similar first, with w under each, a
-green frame for a neighbour of the query's class and red for another class; `calibration`
-draws the histograms of w over same-class and over other-class neighbours, with the mean w of
+`neighbors` draws each test image and its neighbors, most similar first, with w under each, a
+green frame for a neighbor of the query's class and red for another class; `calibration`
+draws the histograms of w over same-class and over other-class neighbors, with the mean w of
 each and the AUROC of w for telling them apart. `curves` draws the loss, the kNN top-1 and,
-when log.txt has them, the neighbours' class agreement (nn_agree, w_agree) per epoch.
+when log.txt has them, the neighbors' class agreement (nn_agree, w_agree) per epoch.
 Drawn with Pillow alone (it ships with torchvision). A bad option, a missing file or data set
 ends with one `error:` line and a non-zero exit status; the picture is written atomically.
 """
@@ -30,7 +30,7 @@ from data import (IMAGENET_MEAN_STD, MEAN_STD, DataError, SkipUnreadable, build_
                   eval_transform, fixed_subset)
 from memory_queue import MemoryQueue
 from model import SNCLR, build_model
-from neighbour_monitor import auroc
+from neighbor_monitor import auroc
 
 GREEN, RED, GREY, BLACK, WHITE = (30, 150, 60), (200, 40, 40), (150, 150, 150), (0, 0, 0), (255, 255, 255)
 BLUE, ORANGE = (40, 90, 200), (200, 90, 40)
@@ -138,8 +138,8 @@ def positiveness_name(a: dict) -> str:
 
 
 @torch.no_grad()
-def soft_neighbours(model: SNCLR, bank_keys: torch.Tensor, query_keys: torch.Tensor, y: torch.Tensor, k: int):
-    """Indices (Q, k) into the bank and positiveness w (Q, k) of each query's neighbours.
+def soft_neighbors(model: SNCLR, bank_keys: torch.Tensor, query_keys: torch.Tensor, y: torch.Tensor, k: int):
+    """Indices (Q, k) into the bank and positiveness w (Q, k) of each query's neighbors.
 
     bank_keys (n, dim) and query_keys (Q, dim) momentum keys, y (Q, dim) the queries' online
     projections. The search is the training step's (Eq. 3, MemoryQueue.nearest_indices, most
@@ -151,7 +151,7 @@ def soft_neighbours(model: SNCLR, bank_keys: torch.Tensor, query_keys: torch.Ten
     return idx, model.positiveness(y, bank.features[idx])                         # (Q, k)
 
 
-def neighbours_of(args, default_queries: int):
+def neighbors_of(args, default_queries: int):
     """Everything both pictures need: (options, bank, queries, K, idx (Q, K), w (Q, K),
     bank labels (n,), query labels (Q,))."""
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -165,15 +165,15 @@ def neighbours_of(args, default_queries: int):
         raise ConfigError(f"-K {k} is more than the {len(bank)} bank images; lower -K or raise --bank-size")
     bank_keys, _, bank_y = encode(model, bank, args.batch_size, args.workers, device)
     query_keys, y, query_y = encode(model, test, args.batch_size, args.workers, device, online=True)
-    idx, w = soft_neighbours(model.cpu(), bank_keys, query_keys, y, k)
+    idx, w = soft_neighbors(model.cpu(), bank_keys, query_keys, y, k)
     return a, bank, test, k, idx, w, bank_y, query_y
 
 
-# ---------------------------------------------------------------------------- neighbours ---
-def neighbour_grid(args, side: int = 64) -> None:
-    """Rows of a test image and its K neighbours, w under each, green / red frame by class."""
+# ---------------------------------------------------------------------------- neighbors ---
+def neighbor_grid(args, side: int = 64) -> None:
+    """Rows of a test image and its K neighbors, w under each, green / red frame by class."""
     fmt = check_out(args.out, [args.checkpoint])
-    a, bank, test, k, idx, w, bank_y, query_y = neighbours_of(args, default_queries=8)
+    a, bank, test, k, idx, w, bank_y, query_y = neighbors_of(args, default_queries=8)
     queries, pad, text_h = len(test), 4, 14
     cell_w, cell_h = side + 2 * pad, side + 2 * pad + text_h
     canvas = Image.new("RGB", ((k + 1) * cell_w + pad, queries * cell_h + 20), WHITE)
@@ -192,7 +192,7 @@ def neighbour_grid(args, side: int = 64) -> None:
             draw.text((left, top + side + pad + 2), f"w={float(w[r, c]):.3f}", fill=BLACK)
     save_image(canvas, args.out, fmt)
     same = (bank_y[idx] == query_y[:, None]).float().mean().item()
-    print(f"wrote {args.out}: {queries} queries x {k} neighbours, {100 * same:.1f}% of neighbours share the class")
+    print(f"wrote {args.out}: {queries} queries x {k} neighbors, {100 * same:.1f}% of neighbors share the class")
 
 
 # --------------------------------------------------------------------------- calibration ---
@@ -268,9 +268,9 @@ def histogram_range(w: torch.Tensor, tail: float = 0.005) -> tuple[float, float]
 
 
 def calibration(args) -> None:
-    """Histograms of w for same-class and other-class neighbours, with their means and AUROC."""
+    """Histograms of w for same-class and other-class neighbors, with their means and AUROC."""
     fmt = check_out(args.out, [args.checkpoint])
-    a, bank, test, k, idx, w, bank_y, query_y = neighbours_of(args, default_queries=500)
+    a, bank, test, k, idx, w, bank_y, query_y = neighbors_of(args, default_queries=500)
     same = bank_y[idx] == query_y[:, None]                                        # (Q, K)
     f = calibration_figures(w, same)
     lo, hi = histogram_range(w)
@@ -288,7 +288,7 @@ def calibration(args) -> None:
     if clipped:
         draw.text((400, 420), f"{clipped} values beyond the range are counted in the end bins", fill=GREY)
     save_image(canvas, args.out, fmt)
-    print(f"wrote {args.out}: K={k}, {len(test)} queries x {k} neighbours in a bank of {len(bank)}: "
+    print(f"wrote {args.out}: K={k}, {len(test)} queries x {k} neighbors in a bank of {len(bank)}: "
           f"{100 * f['same'] / same.numel():.1f}% same class; mean w same class {show(f['w_same'])}, "
           f"other class {show(f['w_other'])}; AUROC {show(f['auroc'], 3)}")
 
@@ -348,7 +348,7 @@ def points(entries, key: str, scale: float = 1.0):
 
 
 def curves(args) -> None:
-    """Loss, kNN top-1 and (when logged) neighbour class agreement per epoch, side by side."""
+    """Loss, kNN top-1 and (when logged) neighbor class agreement per epoch, side by side."""
     fmt = check_out(args.out, [args.log])
     entries = read_train_log(args.log)
     train = [e for e in entries if "loss" in e]
@@ -360,10 +360,10 @@ def curves(args) -> None:
     if knn[0]:
         panels.append(([("kNN top-1", *knn, ORANGE)], "kNN top-1 (%) on the test split", init))
     agree = [(label, *points(entries, key, 100.0), colour) for label, key, colour in (
-        ("nn_agree: neighbours", "nn_agree", BLUE), ("w_agree: weight w", "w_agree", ORANGE))]
+        ("nn_agree: neighbors", "nn_agree", BLUE), ("w_agree: weight w", "w_agree", ORANGE))]
     agree = [s for s in agree if s[1]]
     if agree:
-        panels.append((agree, "share of the query's class among the K neighbours (%)", None))
+        panels.append((agree, "share of the query's class among the K neighbors (%)", None))
     canvas = Image.new("RGB", (460 * len(panels) - 20, 350), WHITE)
     draw = ImageDraw.Draw(canvas)
     for i, (series, title, baseline) in enumerate(panels):
@@ -377,7 +377,7 @@ def add_encoding_options(p) -> None:
     """The options of the subcommands that encode a bank and queries."""
     a = p.add_argument
     a("checkpoint", help="a train.py checkpoint.pth")
-    a("-K", type=positive_int, default=None, help="neighbours per query; default: the run's K (at least 1)")
+    a("-K", type=positive_int, default=None, help="neighbors per query; default: the run's K (at least 1)")
     a("--bank-size", type=nonneg_int, default=None, help=f"training images searched: a fixed subset; "
       f"default {BANK_SIZE} (or all if fewer); 0 = all")
     a("--data-path", default=None, help="default: the checkpoint's")
@@ -389,22 +389,22 @@ def add_encoding_options(p) -> None:
 def get_args_parser() -> cli.Parser:
     p = cli.Parser("visualize.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True, metavar="COMMAND", parser_class=cli.Parser)
-    n = sub.add_parser("neighbours", help="query images and their soft neighbours with w",
+    n = sub.add_parser("neighbors", help="query images and their soft neighbors with w",
                        description="Rows of a test image and its K nearest bank images (Eq. 3), w (Eq. 4) "
-                       "under each; a green frame marks a neighbour of the query's class.")
+                       "under each; a green frame marks a neighbor of the query's class.")
     add_encoding_options(n)
-    n.add_argument("--out", default="neighbours.png", help="the picture (any image type Pillow writes)")
+    n.add_argument("--out", default="neighbors.png", help="the picture (any image type Pillow writes)")
     n.add_argument("--queries", type=positive_int, default=None, help="rows: test images; default 8 "
                    "(or all if fewer)")
-    c = sub.add_parser("calibration", help="histograms of w for same-class and other-class neighbours, AUROC",
-                       description="How well w (Eq. 4) tells the neighbours (Eq. 3) of the query's class from "
+    c = sub.add_parser("calibration", help="histograms of w for same-class and other-class neighbors, AUROC",
+                       description="How well w (Eq. 4) tells the neighbors (Eq. 3) of the query's class from "
                        "the others: a histogram of w for each group, their mean w and the AUROC; the same "
                        "figures are printed on one line.")
     add_encoding_options(c)
     c.add_argument("--out", default="calibration.png", help="the picture (any image type Pillow writes)")
     c.add_argument("--queries", type=positive_int, default=None, help="test images; default 500 (or all "
                    "if fewer)")
-    k = sub.add_parser("curves", help="loss, kNN accuracy and neighbour agreement from a log.txt",
+    k = sub.add_parser("curves", help="loss, kNN accuracy and neighbor agreement from a log.txt",
                        description="Loss, kNN top-1 and, when logged, nn_agree and w_agree per epoch.")
     k.add_argument("log", help="a train.py run's log.txt")
     k.add_argument("--out", default="curves.png", help="the picture (any image type Pillow writes)")
@@ -415,7 +415,7 @@ def main(argv=None) -> None:
     """Exit status 0, 2 for a bad command line, 1 with one `error:` line for anything else."""
     args = get_args_parser().parse_args(argv)
     try:
-        {"neighbours": neighbour_grid, "calibration": calibration, "curves": curves}[args.what](args)
+        {"neighbors": neighbor_grid, "calibration": calibration, "curves": curves}[args.what](args)
     except (ConfigError, DataError) as e:
         cli.fail(e)
 

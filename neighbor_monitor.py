@@ -1,15 +1,15 @@
-"""Neighbour quality: are SNCLR's candidate neighbours of the query's class, and does w know it?
+"""Neighbor quality: are SNCLR's candidate neighbors of the query's class, and does w know it?
 
 SNCLR's claim (paper Sec. 3.2) is that the positiveness w tells true positives from false ones
-among the K neighbours of Eq. 3. With class labels, used here for monitoring only and never by
-the loss, each (query, neighbour) pair is "same class" or "other class", and one epoch gives:
+among the K neighbors of Eq. 3. With class labels, used here for monitoring only and never by
+the loss, each (query, neighbor) pair is "same class" or "other class", and one epoch gives:
 
-  nn_agree       share of the K neighbours that share the query's class
-  nn_top1_agree  the same for the nearest neighbour alone (what NNCLR pulls; solo-learn logs it)
-  w_agree        sum of w over same-class neighbours / sum of w: the share of the positive
+  nn_agree       share of the K neighbors that share the query's class
+  nn_top1_agree  the same for the nearest neighbor alone (what NNCLR pulls; solo-learn logs it)
+  w_agree        sum of w over same-class neighbors / sum of w: the share of the positive
                  weight that lands on the right class (equals nn_agree when w is uniform)
-  w_same, w_other  mean w of same-class and of other-class neighbours
-  w_auroc        AUROC of w for telling same-class from other-class neighbours: the
+  w_same, w_other  mean w of same-class and of other-class neighbors
+  w_auroc        AUROC of w for telling same-class from other-class neighbors: the
                  probability that a random same-class pair has a larger w than a random
                  other-class pair (ties count one half); 0.5 = no better than chance
 
@@ -21,7 +21,7 @@ import torch
 
 import distributed
 
-# The sums kept on the device per epoch (see `NeighbourQuality.update`); rows and pairs are
+# The sums kept on the device per epoch (see `NeighborQuality.update`); rows and pairs are
 # counted on the host (their shapes are known there, and a host number copied to the GPU would
 # make the host wait).
 SUMS = ("same", "top1_same", "w_same", "w_other", "w")
@@ -46,11 +46,11 @@ def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     return u / (n_pos * n_neg)
 
 
-class NeighbourQuality:
-    """One epoch's label agreement of the neighbours and the calibration of w.
+class NeighborQuality:
+    """One epoch's label agreement of the neighbors and the calibration of w.
 
     update(w, same) after each step: w (n, K) positiveness, same (n, K) bool, True where the
-    neighbour's queue label equals the query's label. summary() at the epoch's end sums over
+    neighbor's queue label equals the query's label. summary() at the epoch's end sums over
     ranks (a collective: every rank calls it) and returns the figures of the module docstring.
     """
 
@@ -69,7 +69,7 @@ class NeighbourQuality:
 
     @torch.no_grad()
     def update(self, w: torch.Tensor, same: torch.Tensor) -> None:
-        if w.shape[1] == 0:  # K = 0 or the queue still too short: no neighbours this step
+        if w.shape[1] == 0:  # K = 0 or the queue still too short: no neighbors this step
             return
         w, s = w.double(), same.double()                                    # (n, K)
         self.sums += torch.stack([s.sum(), s[:, 0].sum(), (w * s).sum(), (w * (1 - s)).sum(), w.sum()])
@@ -77,7 +77,7 @@ class NeighbourQuality:
         self.samples.append((w[:self.sample_rows].float(), same[:self.sample_rows].clone()))  # not a view of all
 
     def summary(self) -> dict:
-        """Figures over every rank's pairs (None where undefined); {} when no step had neighbours."""
+        """Figures over every rank's pairs (None where undefined); {} when no step had neighbors."""
         counts = torch.tensor([self.rows, self.pairs], dtype=torch.float64, device=self.sums.device)
         totals = distributed.all_reduce_sum(torch.cat([counts, self.sums])).tolist()
         sums = dict(zip(("rows", "pairs") + SUMS, totals))
