@@ -223,7 +223,6 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     if args.jobs < 1:
         raise SystemExit(f"error: --jobs must be >= 1, got {args.jobs}")
-    os.makedirs(args.results, exist_ok=True)
     with ThreadPoolExecutor(args.jobs) as pool:  # each job is a train.py process
         trained = [pool.submit(result, name, seed, args) for seed in args.seeds for name in args.only]
         try:
@@ -238,9 +237,13 @@ def main(argv=None):
 
 
 def save(path: str, obj) -> None:
-    """write_json (atomic), its error as this script's one line."""
+    """write_json (atomic; the folder made when the first result is ready), its error as this
+    script's one line."""
     try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         write_json(path, obj)
+    except OSError as e:
+        raise SystemExit(f"error: cannot create {os.path.dirname(path)}: {e.strerror}") from None
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
 

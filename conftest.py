@@ -35,9 +35,10 @@ SMOKE = ["--dataset", "fake", "--arch", "resnet18", "--image-size", "16", "--fak
          "--workers", "0", "--optimizer", "sgd", "--lr", "0.1", "--warmup-epochs", "0", "--device", "cpu"]
 
 
-def run_cli(script, *args):
-    return subprocess.run([sys.executable, str(HERE / script), *args], capture_output=True, text=True,
-                          cwd=HERE, timeout=600)
+def run_cli(script, *args, cwd=HERE, timeout=600):
+    """One of the project's scripts as a real process; its CompletedProcess (text)."""
+    return subprocess.run([sys.executable, str(HERE / script), *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -55,22 +56,36 @@ def copy_run(src, dst):
     return dst
 
 
-def jpeg_folder(root, per_class=4, size=20):
+def jpeg_folder(root, classes=("a", "b"), per_class=4, size=(20, 20)):
+    """ROOT/{train,val}/<class>/<i>.jpg of random pixels; size is (width, height)."""
     from PIL import Image
     g = np.random.default_rng(0)
     for split in ("train", "val"):
-        for c in ("a", "b"):
+        for c in classes:
             (root / split / c).mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
-                Image.fromarray(g.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / split / c / f"{i}.jpg")
+                pixels = g.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / c / f"{i}.jpg")
     return root
 
 
-def fake_checkpoint(path, arch, image_size, stem):
+def fake_checkpoint(path, arch="resnet18", image_size=16, stem="small", dataset="fake", epoch=1, step=0, seed=0):
+    """A train.py checkpoint of an untrained SNCLR: no training needed."""
+    torch.manual_seed(seed)
     m = SNCLR(arch, image_size, dim=16, mlp_dim=32, num_neighbors=0, queue_size=8, stem=stem)
-    args = dict(arch=arch, image_size=image_size, stem=stem, dataset="fake", data_path="data")
-    torch.save({"model": m.state_dict(), "optimizer": {}, "epoch": 1, "args": args}, path)
+    args = dict(arch=arch, image_size=image_size, stem=stem, dataset=dataset, data_path="data", fake_size=64,
+                seed=0)
+    torch.save({"model": m.state_dict(), "optimizer": {}, "epoch": epoch, "step_in_epoch": step, "args": args},
+               path)
     return str(path)
+
+
+def snapshot(folder) -> dict:
+    """Every path under folder (hidden ones too): the SHA-256 of a file's bytes, or what else it is."""
+    import hashlib
+    folder = pathlib.Path(folder)
+    return {str(p.relative_to(folder)): "link" if p.is_symlink() else "dir" if p.is_dir() else
+            hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))}
 
 
 def fails_in_process(capsys, main, argv, status=None) -> str:

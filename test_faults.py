@@ -1,10 +1,9 @@
-"""Faults a careless user or an unlucky machine brings (issue 16), outside train.py: each is
+"""Faults a careless user or an unlucky machine brings, outside train.py: each is
 reproduced as a real process where a process is what fails (a hang, a traceback, a lost file),
 with a timeout, and checked to end with one `error:` line and nothing written.
 `pytest test_faults.py`."""
 import errno
 import gzip
-import hashlib
 import json
 import os
 import pathlib
@@ -15,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-HERE = pathlib.Path(__file__).resolve().parent
+from conftest import HERE, fails_in_process, fake_checkpoint, jpeg_folder, snapshot
+from conftest import run_cli as run_script
+
 HANG = 120  # seconds: a process that has printed its error and not exited by then hangs
 
 
 def run_cli(script, *args, cwd=HERE, timeout=HANG):
-    return subprocess.run([sys.executable, str(HERE / script), *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout)
+    return run_script(script, *args, cwd=cwd, timeout=timeout)
 
 
 def one_error_line(res, status=1) -> str:
@@ -30,49 +30,6 @@ def one_error_line(res, status=1) -> str:
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr[-3000:]
     return lines[0]
-
-
-def fails_in_process(capsys, main, argv, status=None) -> str:
-    """main(argv) in this process exits non-zero (or with `status`) after one `error:` line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    err = capsys.readouterr().err
-    assert exit_.value.code != 0 and (status is None or exit_.value.code == status), (argv, exit_.value.code)
-    assert err.startswith("error: ") and err.strip().count("\n") == 0, (argv, err)
-    return err
-
-
-def snapshot(folder) -> dict:
-    """Every file under folder (hidden ones too) and the SHA-256 of its bytes."""
-    folder = pathlib.Path(folder)
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def jpeg_folder(root, classes=("a", "b"), per_class=4, size=(20, 20)):
-    """ROOT/{train,val}/<class>/<i>.jpg of random pixels; size is (width, height)."""
-    from PIL import Image
-    g = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in classes:
-            (root / split / c).mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                pixels = g.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / c / f"{i}.jpg")
-    return root
-
-
-def fake_checkpoint(path, dataset="fake", image_size=16, epoch=1, step=0, seed=0):
-    """A train.py checkpoint of an untrained ResNet-18 (small stem): no training needed."""
-    from model import SNCLR
-    torch.manual_seed(seed)
-    m = SNCLR("resnet18", image_size, dim=16, mlp_dim=32, num_neighbors=0, queue_size=8, stem="small")
-    args = dict(arch="resnet18", image_size=image_size, stem="small", dataset=dataset, data_path="data",
-                fake_size=64, seed=0)
-    torch.save({"model": m.state_dict(), "optimizer": {}, "epoch": epoch, "step_in_epoch": step, "args": args},
-               path)
-    return str(path)
 
 
 def write_idx(path, array: np.ndarray) -> None:

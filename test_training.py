@@ -17,7 +17,8 @@ import options
 import run_control
 from checkpoint import ConfigError, read_log
 from model import SNCLR
-from conftest import HERE, SMOKE, TINY, _CountingFlatten, _knn_sets, copy_run, fails_in_process, jpeg_folder, run_cli
+from conftest import (HERE, SMOKE, TINY, _CountingFlatten, _knn_sets, copy_run, fails_in_process, jpeg_folder,
+                      run_cli, snapshot)
 
 
 # -------------------------------------------------------------------- model ---
@@ -504,23 +505,16 @@ def test_walkthrough_runs_and_checks_every_quantity(capsys):
 
 
 # ------------------------------------------------------------- run folders: nothing mixed ---
-def folder_state(root) -> dict:
-    """Every path under root with its bytes (folders and links named as such)."""
-    root = pathlib.Path(root)
-    return {str(p.relative_to(root)): ("link" if p.is_symlink() else "dir" if p.is_dir() else p.read_bytes())
-            for p in sorted(root.rglob("*"))}
-
-
 def test_resume_into_a_folder_holding_another_run_is_refused(smoke_run, tmp_path, capsys):
     import train
     copy_run(smoke_run, tmp_path / "a")
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "log.txt").write_text('{"epoch": 0, "knn_top1": 1.0}\n')
-    before = folder_state(tmp_path)
+    before = snapshot(tmp_path)
     err = fails_in_process(capsys, train.main, SMOKE + ["--epochs", "3", "--resume", str(tmp_path / "a" / "checkpoint.pth"),
                                                         "--output-dir", str(tmp_path / "b")], status=1)
     assert "would write into" in err and "holds another run's files" in err
-    assert folder_state(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("damage", ["no checkpoint", "checkpoint is a folder", "dangling link", "log is a folder"])
@@ -537,11 +531,11 @@ def test_a_folder_that_would_mix_two_runs_is_refused(tmp_path, capsys, damage):
         (out / "checkpoint.pth").mkdir()
     elif damage == "dangling link":
         (out / "checkpoint.pth").symlink_to(tmp_path / "gone.pth")
-    before = folder_state(tmp_path)
+    before = snapshot(tmp_path)
     err = fails_in_process(capsys, train.main, SMOKE + ["--epochs", "1", "--output-dir", str(out)], status=1)
     expected = {"no checkpoint": "holds a log.txt but no checkpoint.pth", "log is a folder": "log.txt is not a file",
                 "checkpoint is a folder": "is not a checkpoint file", "dangling link": "is not a checkpoint file"}
-    assert expected[damage] in err and folder_state(tmp_path) == before
+    assert expected[damage] in err and snapshot(tmp_path) == before
 
 
 def test_mid_epoch_resume_on_a_data_set_of_another_size_is_refused(smoke_run, tmp_path, capsys):
@@ -551,11 +545,11 @@ def test_mid_epoch_resume_on_a_data_set_of_another_size_is_refused(smoke_run, tm
     assert ckpt["train_images"] == 64
     ckpt.update(epoch=1, step_in_epoch=2)                 # as if stopped inside epoch 2
     torch.save(ckpt, run / "checkpoint.pth")
-    before = folder_state(tmp_path)
+    before = snapshot(tmp_path)
     err = fails_in_process(capsys, train.main, SMOKE + ["--epochs", "2", "--fake-size", "80", "--allow-changed-args",
                                                         "--output-dir", str(run)], status=1)
     assert "stopped inside epoch 2 of a data set of 64 training images" in err and "holds 80" in err
-    assert folder_state(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_the_epochs_log_line_is_on_disk_with_its_checkpoint_before_the_monitor(tmp_path, monkeypatch):
