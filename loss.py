@@ -3,7 +3,7 @@
 Notation (README.md, "Notation"), shared by both functions:
   z        (B, D) this rank's online predictor outputs (queries), B = local batch
   keys     (N, D) momentum keys gathered over all R ranks in rank order, N = B * R
-  rank     the positive key of local row b is keys[g(b)], g(b) = rank * B + b
+  rank     the positive key of local row b is keys[b*], b* = rank * B + b
 Every dot product is a cosine: inputs are L2-normalised here, whatever the caller passed.
 The losses are means over the local batch and do *not* include MoCo v3's 2 tau factor; the
 model applies it to the symmetric sum (model.py, SNCLR.forward). They compute in at least
@@ -20,9 +20,9 @@ FORMS = ("code", "paper")
 
 
 def info_nce(z: torch.Tensor, keys: torch.Tensor, tau: float, rank: int = 0) -> torch.Tensor:
-    """Eq. 1: L1(b) = -log( exp(z_b . k_g(b) / tau) / sum_j exp(z_b . k_j / tau) ), mean over b.
+    """Eq. 1: L1(b) = -log( exp(z_b . k_b* / tau) / sum_j exp(z_b . k_j / tau) ), mean over b.
 
-    z (B, D), keys (N, D), g(b) = rank * B + b  ->  scalar.
+    z (B, D), keys (N, D), b* = rank * B + b  ->  scalar.
     """
     _check(z, keys, tau, rank)
     dtype = compute_dtype(z, keys)
@@ -30,15 +30,15 @@ def info_nce(z: torch.Tensor, keys: torch.Tensor, tau: float, rank: int = 0) -> 
     B = z.shape[0]
     # z_b . k_j / tau for every gathered key j
     logits = z @ keys.T / tau                                          # (B, N)
-    # g(b) = rank * B + b: the row's own key among the N
+    # b* = rank * B + b: the row's own key among the N
     positives = rank * B + torch.arange(B, device=z.device)            # (B,)
-    # L1(b) = -log softmax_j(z_b . k_j / tau)[g(b)]
+    # L1(b) = -log softmax_j(z_b . k_j / tau)[b*]
     return F.cross_entropy(logits, positives)
 
 
 def candidate_log_probs(z: torch.Tensor, keys: torch.Tensor, neighbors: torch.Tensor,
                         tau: float, rank: int = 0) -> torch.Tensor:
-    """log p_b(g(b), i) for i = 0..K: the own key (i = 0) and its K neighbors (i >= 1).
+    """log p_b(b*, i) for i = 0..K: the own key (i = 0) and its K neighbors (i >= 1).
 
     The candidate set is every gathered key with its neighbors, c_(j,0) = k_j and
     c_(j,i) = NN(k_j)_i, N * (K + 1) vectors; p_b is the softmax of z_b . c / tau over all of
@@ -53,8 +53,8 @@ def candidate_log_probs(z: torch.Tensor, keys: torch.Tensor, neighbors: torch.Te
     # log p_b(j, i) = log softmax over all N(K+1) candidates of z_b . c_(j,i) / tau
     log_p = (z @ candidates.T / tau).log_softmax(dim=1)                                # (B, N(K+1))
     B = z.shape[0]
-    positives = rank * B + torch.arange(B, device=z.device)                            # (B,) g(b)
-    # keep j = g(b): the row's own key and its own neighbors
+    positives = rank * B + torch.arange(B, device=z.device)                            # (B,) b*
+    # keep j = b*: the row's own key and its own neighbors
     return log_p.view(B, N, K1)[torch.arange(B, device=z.device), positives]           # (B, K+1)
 
 
@@ -65,8 +65,8 @@ def snclr_loss(z: torch.Tensor, keys: torch.Tensor, neighbors: torch.Tensor,
 
     With p_b(j, i) the softmax of z_b . c_(j,i) / tau over all candidates and w (B, K) the
     positiveness of b's own neighbors (Eq. 4):
-      form="paper" (as printed):  L(b) = -log( p_b(g(b),0) + sum_i w_bi p_b(g(b),i) )
-      form="code"  (as released): L(b) = -( log p_b(g(b),0) + sum_i w_bi log p_b(g(b),i) )
+      form="paper" (as printed):  L(b) = -log( p_b(b*,0) + sum_i w_bi p_b(b*,i) )
+      form="code"  (as released): L(b) = -( log p_b(b*,0) + sum_i w_bi log p_b(b*,i) )
     The code form is a cross-entropy against a soft target: 1 on the own key, w_bi on the own
     neighbors, 0 elsewhere. With all w = 0 (or K = 0) both are InfoNCE (Eq. 1) over the
     enlarged candidate set.

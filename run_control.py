@@ -228,7 +228,7 @@ def setup(args, env, build_optimizer) -> Run:
                            args.allow_changed_args) if ckpt else []
     check_output_dir(args.output_dir)  # before the data is read; created after everything is checked
     prepare_dataset(args, env)
-    loader = build_train_loader(args, env, augment_path(args, env))
+    loader, run = build_train_loader(args, env, augment_path(args, env)), None
     try:
         check_same_data(ckpt, ckpt_path, loader, args)
         knn_sets, num_classes = build_knn_sets(args)
@@ -242,8 +242,8 @@ def setup(args, env, build_optimizer) -> Run:
         run = Run(args, env, loader, knn_sets, num_classes, model, optimizer, scaler, ckpt, start)
         run.open_output(changes)
         return run
-    except BaseException:
-        loader.close()  # its workers would otherwise outlive the error
+    except BaseException:  # the loader's workers (and the lock) would otherwise outlive the error
+        (run or loader).close()  # Run.close closes the loader too
         raise
 
 
