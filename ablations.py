@@ -12,7 +12,7 @@ are skipped, so the sweep resumes), and RESULTS/ablations.json plus a Markdown t
 mean and spread over seeds. Budget, device and dataset are options, so the same sweep runs on
 CIFAR or on a GPU:
 
-    python ablations.py --epochs 2 --seeds 0 1 2                      # the CPU sweep in README.md
+    python ablations.py --epochs 2 --seeds 0 1 2                      # the CPU sweep in docs/results.md
     python ablations.py --device cuda --epochs 100 --seeds 0 --jobs 4 \\
         --only infonce cosine cosine-t0.1 attention                    # one GPU, core variants
     python ablations.py --dataset cifar10 --epochs 200 --device cuda \\
@@ -47,7 +47,7 @@ VARIANTS = {
     "K1": ["-K", "1"],
     "K30": ["-K", "30"],
 }
-# The CPU recipe of README.md: ResNet-18 with torchvision's stem on 28 px Fashion-MNIST.
+# The CPU demo recipe of README.md: ResNet-18 with torchvision's stem on 28 px Fashion-MNIST.
 BASE = ("--arch resnet18 --stem imagenet --batch-size 256 --queue-size 4096 -K 5 --dim 128 "
         "--mlp-dim 1024 --optimizer lars --lr 0.3 --weight-decay 1e-5 --tau 0.2 --warmup-epochs 0.5 "
         "--workers 1 --knn-every 0")
@@ -93,7 +93,7 @@ def run(cmd: list, log_file=None) -> None:
 
 
 def probe(checkpoint: str, seed: int, args, *extra) -> list:
-    """eval_linear.py's cached-feature linear probe (the Evaluation section of README.md)."""
+    """eval_linear.py's cached-feature linear probe (docs/evaluation.md)."""
     return [sys.executable, os.path.join(HERE, "eval_linear.py"), checkpoint, "--cache-features", "--epochs",
             str(args.probe_epochs), "--batch-size", "256", "--lr", "0.5", "--workers", "1", "--device", args.device,
             "--seed", str(seed), *extra]

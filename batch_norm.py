@@ -7,9 +7,9 @@ the statistics of the global batch of N = R * n values per channel are
     S1 = sum over ranks and values of x,   S2 = the same of x^2
 
 so one all-reduce of the (2C,) tensor [S1_local, S2_local] gives every rank the global mean
-and variance. Every rank must hold the same local batch (train.py checks that --batch-size
-divides by the world size, and drops the last partial batch): N is then R * n, a number known
-without asking the other ranks. This is the design of detectron2's NaiveSyncBatchNorm, written
+and variance. Every rank must hold the same local batch (options.check_args checks that
+--batch-size divides by the world size, and the loaders drop the last partial batch): N is
+then R * n, a number known without asking the other ranks. This is the design of detectron2's NaiveSyncBatchNorm, written
 anew here.
 
 Why not nn.SyncBatchNorm: its forward drops the statistics of empty inputs with a boolean mask

@@ -15,7 +15,7 @@ augmentation; (b) augment.py's batched two views on --device at 224 px and at 32
 own loop (train_one_epoch) end to end, loader + step, against the same loop fed one fixed batch.
 Its last line of stdout is one JSON object (also written to OUT/bench_data_<device>.json).
 
-    python bench.py --arch resnet18 --device cpu                    # CPU figures in README.md
+    python bench.py --arch resnet18 --device cpu                    # CPU figures in docs/results.md
     python bench.py --arch resnet50 --device cuda --batch-size 256 --image-size 224 --channels-last --compile
     python bench.py --data --device cuda --arch resnet50 --batch-size 256 --image-size 224 --compile \\
         --data-workers 15 --data-images 3000 --data-steps 80
@@ -158,7 +158,7 @@ def timed(fn, device, repeats: int) -> float:
 
 # ------------------------------------------------------------------------ the step ---
 def as_train_runs(model, x1, x2, args, device):
-    """--channels-last and --compile applied as train.py's setup and loop apply them; cuDNN picks its
+    """--channels-last and --compile applied as run_control.setup and train.py's loop apply them; cuDNN picks its
     fastest kernels for the fixed shapes on CUDA, as in train.py."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -448,13 +448,13 @@ def train_args(args, root: str):
 
 
 def end_to_end(args, env, targs) -> dict:
-    """(c) train.py's setup and train_one_epoch: one epoch of --data-steps steps from the loader,
+    """(c) run_control.setup and train.py's train_one_epoch: one epoch of --data-steps steps from the loader,
     then as many on one fixed batch, after --warmup fixed-batch steps (compilation, cuDNN's
     choice of kernels). Both are timed after their first max(1, workers) steps, the loader's
     pipeline fill (each worker makes a whole batch before the first arrives), which a real epoch
     of thousands of steps amortises; train.py's own whole-epoch figure is reported too."""
-    with contextlib.redirect_stdout(sys.stderr):  # train.py's progress lines; stdout keeps the table
-        run = run_control.setup(targs, env, train.build_optimizer)
+    with contextlib.redirect_stdout(sys.stderr), run_control.setup(targs, env, train.build_optimizer) as run:
+        # stdout keeps the table: train.py's progress lines go to stderr
         loader, B, S, dev = run.loader, targs.batch_size, targs.image_size, env.device
         views = tuple(torch.randn(B, 3, S, S, device=dev) for _ in range(2))
         fixed = (views, torch.arange(B, device=dev) % run.num_classes)
@@ -462,15 +462,16 @@ def end_to_end(args, env, targs) -> dict:
         def loop(source):  # train.py's epoch, reading batches from source
             clock = Clock(source)
             run.loader, run.start_it = clock, 0
-            log, _, _ = train.train_one_epoch(run, 0)
+            try:
+                log, _, _ = train.train_one_epoch(run, 0)
+            finally:
+                run.loader = loader  # the run closes its own loader
             return clock, log, time.perf_counter()
 
-        with run:
-            loop(FixedBatch(fixed, args.warmup))
-            loader.set_epoch(0)
-            clock, log, end = loop(loader)
-            alone, _, alone_end = loop(FixedBatch(fixed, loader.steps))
-            run.loader = loader  # closed with the run
+        loop(FixedBatch(fixed, args.warmup))
+        loader.set_epoch(0)
+        clock, log, end = loop(loader)
+        alone, _, alone_end = loop(FixedBatch(fixed, loader.steps))
     skip = min(max(targs.workers, 1), loader.steps // 2)
     rate, wait = clock.window(skip, end, B)
     return {"end_to_end_images_per_s": rate, "step_only_images_per_s": alone.window(skip, alone_end, B)[0],

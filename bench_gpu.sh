@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU rows of README.md's cost table, measured anew on one GPU in under 8 minutes:
+# The GPU rows of docs/gpu.md's table, measured anew on one GPU in under 8 minutes:
 #
 #   bash bench_gpu.sh                          # from the repository root: one GPU, no network needed
 #   DEVICE=cpu SMOKE=1 bash bench_gpu.sh       # tiny sizes on the CPU: checks the script, not the speed
@@ -27,7 +27,8 @@
 #
 # Environment: OUT (runs/bench), DEVICE (cuda), SMOKE (0), SMOKE_COMPILE (0: with SMOKE=1 the
 # compiled step is skipped, compiling takes minutes on a CPU), BUDGET_S (440), PLAIN (0), PYTHON,
-# FMNIST (the Fashion-MNIST folder: .data/fashion-mnist if it exists, else Debian's).
+# FMNIST (the Fashion-MNIST folder: a copy in .data/fashion-mnist, else train.py's download in
+# data/, else Debian's).
 set -uo pipefail
 cd "$(dirname "$0")" || exit 1
 OUT=${OUT:-runs/bench}
@@ -38,7 +39,9 @@ BUDGET_S=${BUDGET_S:-440}
 PLAIN=${PLAIN:-0}
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 if [ -z "${FMNIST:-}" ]; then
-  if [ -d .data/fashion-mnist ]; then FMNIST=.data/fashion-mnist; else FMNIST=/usr/share/datasets/fashion-mnist; fi
+  if [ -d .data/fashion-mnist ]; then FMNIST=.data/fashion-mnist
+  elif [ -d data/FashionMNIST/raw ]; then FMNIST=data  # where train.py downloads it
+  else FMNIST=/usr/share/datasets/fashion-mnist; fi
 fi
 mkdir -p "$OUT" || exit 1
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/$OUT/inductor_cache}  # one compile, reused

@@ -3,7 +3,8 @@ weights_only=True), the JSON-lines log, the lock that keeps two runs out of one 
 rule for which options a resumed run may change.
 
 train.py's checkpoint.pth holds {"model", "optimizer", "scaler", "epoch", "step_in_epoch",
-"world_size", "knn_random_init", "args"}; eval_linear.py's its own classifier state. Anything
+"world_size", "runtime", "train_images", "knn_random_init", "args"}; eval_linear.py's its own
+classifier state. Anything
 that is not such a file, is truncated, or describes another model fails with one ConfigError
 line naming what was expected.
 """
@@ -186,7 +187,7 @@ def load_state(module, state: dict, what: str) -> None:
 # checkpoint's options is refused unless --allow-changed-args is given.
 FREE_ON_RESUME = ("output_dir", "resume", "data_path", "workers", "print_freq", "compile", "knn_every", "knn_k",
                   "knn_t", "knn_train_size", "knn_test_size", "epochs", "stop_after_epoch", "allow_changed_args",
-                  "strict_data")
+                  "strict_data", "compile_mode")
 
 
 def changed_args(saved: dict, current: dict, free=FREE_ON_RESUME) -> list[str]:
@@ -315,9 +316,35 @@ def append_json(path: str, entry: dict, advice: str = "free some space and rerun
         raise write_error(path, e, len(line), advice) from None
 
 
+def claim_output_dir(folder: str, what: str) -> "RunLock":
+    """Create the run folder and hold its run lock: a second run (of `what`: training,
+    evaluation) into it is refused with one line instead of mixing the files of both."""
+    prepare_output_dir(folder)
+    return RunLock(folder, what)
+
+
+def log_changes(log_path: str, epoch: int, changes: list) -> None:
+    """The option changes a resume accepted (--allow-changed-args), printed and logged with the
+    first epoch they apply to."""
+    for change in changes:
+        print(f"resumed with a changed option (--allow-changed-args): {change}")
+    if changes:
+        append_json(log_path, {"epoch": epoch, "changed_args": changes})
+
+
+def new_log(path: str, entry: dict) -> None:
+    """Start a new run's log with its first entry: a log left by an attempt that ended before
+    its first checkpoint (it holds only such an entry) is replaced, not continued."""
+    if os.path.isfile(path):
+        os.remove(path)
+    append_json(path, entry)
+
+
 def read_log(path: str) -> list[dict]:
-    """log.txt's JSON lines merged per epoch, in epoch order: a resumed run may add a line
-    for an epoch (its changed options) or repeat one (after a failed save: the later wins)."""
+    """log.txt's JSON lines merged per epoch, in epoch order: each epoch's line is followed by
+    one with its kNN figure (knn_top1, or knn_interrupted) once the monitor has run, a resumed
+    run may add a line for an epoch (its changed options) or repeat one (after a failed save:
+    the later wins)."""
     with open(path) as f:
         entries = [json.loads(line) for line in f if line.strip()]
     merged = {}

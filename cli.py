@@ -4,16 +4,16 @@
   says so in words);
 - a bad value ends the program with one line `error: <what is wrong and what is allowed>`
   on stderr and a non-zero exit status, before anything is written;
-- exit statuses: 0 done, 1 error, 2 bad command line, 143 (128 + SIGTERM) stopped by SIGTERM
-  after saving a checkpoint to resume from, so `train.py ... && eval_linear.py ...` does not
-  evaluate a half-trained model.
+- exit statuses: 0 done, 1 error, 2 bad command line, 143 (128 + SIGTERM) or 130 (128 +
+  SIGINT, Ctrl-C) stopped by that signal after saving a checkpoint to resume from, so
+  `train.py ... && eval_linear.py ...` does not evaluate a half-trained model.
 """
 import argparse
 import math
 import os
 import sys
 
-EXIT_ERROR, EXIT_USAGE, EXIT_PREEMPTED = 1, 2, 143
+EXIT_ERROR, EXIT_USAGE = 1, 2  # a signal: 128 + its number (run_control.preempted)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -73,6 +73,6 @@ def fail(error: BaseException, show: bool = True, rank: int = None) -> None:
     """Print `error: <message>` and exit 1. show=False keeps a rank quiet (an error every rank
     has alike is printed by rank 0 alone); rank, when given, names the rank that hit it."""
     if show:
-        where = f"rank {rank}: " if rank else ""
+        where = f"rank {rank}: " if rank is not None else ""
         print(f"error: {where}{one_line(error)}", file=sys.stderr)
     sys.exit(EXIT_ERROR)

@@ -146,7 +146,7 @@ def read_idx(path: str) -> np.ndarray:
 
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                        "t10k-labels-idx1-ubyte")
-DEFAULT_ROOT = "data"  # where a download goes when no --data-path is given (train.py's default elsewhere)
+DEFAULT_ROOT = "data"  # where a download goes when no --data-path is given (options.py's default too)
 
 
 class FashionMNIST(torch.utils.data.Dataset):
@@ -202,6 +202,11 @@ def check_pair(images_path: str, images: np.ndarray, labels_path: str, labels: n
                         f"reinstall or replace it")
 
 
+def debian_fashion_mnist() -> bool:
+    """Whether Debian's dataset-fashion-mnist package has put the four IDX files in place."""
+    return all(FashionMNIST.find(FASHION_MNIST_DEB, name) for name in FASHION_MNIST_FILES)
+
+
 def fashion_mnist_root(root, download: bool) -> str:
     """The folder that holds Fashion-MNIST's four IDX files (its raw/ or FashionMNIST/raw/ too).
 
@@ -212,7 +217,7 @@ def fashion_mnist_root(root, download: bool) -> str:
     An asked folder is never silently replaced by another. Otherwise one DataError line that
     gives both ways to get the data.
     """
-    if root == FASHION_MNIST_DEB:  # train.py's default --data-path for now: the same as none given
+    if root == FASHION_MNIST_DEB:  # options.py's default --data-path when the package is installed
         root = None
     for folder in ([root] if root else [FASHION_MNIST_DEB, DEFAULT_ROOT]):
         if all(FashionMNIST.find(folder, name) for name in FASHION_MNIST_FILES):
@@ -363,7 +368,7 @@ class EpochSampler(torch.utils.data.Sampler):
         return len(self.base) - self.skip
 
 
-def ignore_sigterm(_worker_id: int) -> None:
+def ignore_stop_signals(_worker_id: int) -> None:
     """DataLoader workers ignore SIGTERM and Ctrl-C (SIGINT): torchrun and a terminal signal the
     whole process group, and a dead worker would crash the main process before it can save."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -375,7 +380,7 @@ def closing_workers(loader):
     """`with closing_workers(loader) as batches:` iterates the loader once, and every way out of
     the block (the end, an error such as an unreadable image, a stop) ends its worker processes.
 
-    Why: workers that ignore SIGTERM (ignore_sigterm) outlive an error, and at exit Python's
+    Why: workers that ignore SIGTERM (ignore_stop_signals) outlive an error, and at exit Python's
     multiprocessing sends its children SIGTERM and then waits for them: the process would print
     its error line and never exit."""
     iterator = iter(loader)

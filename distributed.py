@@ -19,7 +19,7 @@ class Env:
     rank: int
     world_size: int
     device: torch.device
-    stop: threading.Event = field(default_factory=threading.Event)  # set on SIGTERM
+    stop: threading.Event = field(default_factory=threading.Event)  # set on SIGTERM or Ctrl-C
 
     @property
     def main(self) -> bool:
@@ -85,8 +85,32 @@ def all_ok(ok: bool, device: torch.device = torch.device("cpu")) -> bool:
     return flag.item() == 0
 
 
+class OtherRankFailed(Exception):
+    """Another rank failed and prints its own error line; this rank stops quietly (status 1)."""
+
+
+def agree(error, device: torch.device) -> None:
+    """Every rank learns whether any rank failed (one all-reduce), so none is left waiting in a
+    collective: this rank's own error is raised, or OtherRankFailed where only others failed."""
+    if not all_ok(error is None, device):
+        raise error or OtherRankFailed()
+
+
+def on_main(env, action, *args):
+    """action(*args) on rank 0 alone (a write, a download); what it returns there, None
+    elsewhere. An exception it raises stops every rank (agree), and is raised on rank 0."""
+    error = value = None
+    if env.main:
+        try:
+            value = action(*args)
+        except Exception as e:  # re-raised on rank 0 once every rank knows
+            error = e
+    agree(error, env.device)
+    return value
+
+
 class StopAgreement:
-    """Whether any rank has received SIGTERM, agreed by all ranks after every step, without
+    """Whether any rank has received SIGTERM or Ctrl-C, agreed by all ranks after every step, without
     waiting for the GPU. Each poll() all-reduces this rank's flag on the run's own process
     group and returns the agreed flag of an earlier poll, LAG polls back, so every rank stops
     after the same step and the collective overlaps the steps in between:
@@ -97,7 +121,7 @@ class StopAgreement:
           the GPU has long finished it: reading waits for a CUDA event that has almost always
           fired, never for the step in flight.
 
-    No second process group: a gloo group beside nccl (this class's earlier design) needs every
+    No second process group: a gloo group beside nccl would need every
     node's host name to resolve to an address the other nodes reach, and fails or hangs on
     clusters where it resolves to loopback. With one process it is the event itself."""
 

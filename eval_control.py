@@ -6,9 +6,7 @@ that rank 0 makes while every rank learns whether they succeeded.
 import json
 import os
 
-import distributed
-from checkpoint import (ConfigError, RunLock, append_json, check_resume, load_checkpoint, prepare_output_dir,
-                        save_checkpoint)
+from checkpoint import ConfigError, append_json, check_resume, load_checkpoint, save_checkpoint
 
 
 def mode_of(args) -> str:
@@ -70,7 +68,7 @@ def output_folder(args, mode: str) -> str:
                                            f"eval_{mode}" + ("_random" if args.random_init else ""))
 
 
-def check_output_dir(folder: str, given: bool, checkpoint: str) -> None:
+def check_eval_output_dir(folder: str, given: bool, checkpoint: str) -> None:
     """ConfigError unless folder is, or can be created as, a writable folder that holds no
     train.py run (the evaluation's log.txt and checkpoint.pth would mix with the training's).
     Creates nothing: the folder is made once the data is found."""
@@ -94,10 +92,10 @@ def check_output_dir(folder: str, given: bool, checkpoint: str) -> None:
 
 # Options a resumed probe or fine-tuning may change freely: where it writes and reads, how fast
 # it loads, and checks. --device is compared as the device type the run resolved (runtime).
-FREE_ON_RESUME = ("output_dir", "workers", "data_path", "checkpoint", "arch", "device", "allow_changed_args")
+EVAL_FREE_ON_RESUME = ("output_dir", "workers", "data_path", "checkpoint", "arch", "device", "allow_changed_args")
 
 
-def runtime(env) -> dict:
+def eval_runtime(env) -> dict:
     return {"device": env.device.type}
 
 
@@ -121,18 +119,9 @@ def resume_classifier(ckpt_path: str, source: dict, digest: str, args, env) -> t
                           f"them (the checkpoint was rewritten); choose another --output-dir, or delete {ckpt_path} "
                           f"to start this evaluation over")
     ckpt.setdefault("args", {})  # written before the options were kept: every option counts as changed
-    changes = check_resume(ckpt, ckpt_path, vars(args), {"world_size": env.world_size, **runtime(env)},
-                           args.allow_changed_args, free=FREE_ON_RESUME)
+    changes = check_resume(ckpt, ckpt_path, vars(args), {"world_size": env.world_size, **eval_runtime(env)},
+                           args.allow_changed_args, free=EVAL_FREE_ON_RESUME)
     return ckpt, changes
-
-
-def log_changes(out_dir: str, epoch: int, changes: list) -> None:
-    """The option changes a resume accepted (--allow-changed-args), printed and logged with the
-    first epoch they apply to."""
-    for change in changes:
-        print(f"resumed with a changed option (--allow-changed-args): {change}")
-    if changes:
-        append_json(os.path.join(out_dir, "log.txt"), {"epoch": epoch, "changed_args": changes})
 
 
 def save_epoch(out_dir: str, state: dict, log: dict, is_best: bool) -> None:
@@ -142,27 +131,6 @@ def save_epoch(out_dir: str, state: dict, log: dict, is_best: bool) -> None:
     if is_best:
         save_checkpoint(os.path.join(out_dir, "best.pth"), {"model": state["model"], "top1": log["top1"]})
     save_checkpoint(os.path.join(out_dir, "checkpoint.pth"), state)
-
-
-def on_main(env, write, *write_args):
-    """write(*write_args) on rank 0 only, returning what it returns there (None elsewhere); its
-    ConfigError stops every rank, so none is left waiting in a collective."""
-    error, value = None, None
-    if env.main:
-        try:
-            value = write(*write_args)
-        except ConfigError as e:
-            error = e
-    if not distributed.all_ok(error is None, env.device):
-        raise error or ConfigError("rank 0 could not write its output; see its error")
-    return value
-
-
-def claim_output_dir(out_dir: str) -> RunLock:
-    """Create the output folder and hold its run lock: a second evaluation into it is refused
-    (one line) instead of mixing the files of both."""
-    prepare_output_dir(out_dir)
-    return RunLock(out_dir, "evaluation")
 
 
 def write_lines(path: str, entries: list) -> None:

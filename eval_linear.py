@@ -20,6 +20,7 @@ written.
 import argparse
 import math
 import os
+import sys
 
 import torch
 import torch.nn as nn
@@ -28,11 +29,12 @@ from tqdm import tqdm
 
 import cli
 import distributed
-from eval_control import (check_export_target, check_options, check_output_dir, claim_output_dir, log_changes,
-                          mode_of, on_main, output_folder, report, resume_classifier, runtime, save_epoch,
+from distributed import on_main
+from eval_control import (check_export_target, check_options, check_eval_output_dir, mode_of, output_folder, report,
+                          eval_runtime, resume_classifier, save_epoch,
                           write_lines)
-from checkpoint import (ConfigError, append_json, checkpoint_data_path, load_checkpoint, load_state, save_checkpoint,
-                        weights_digest)
+from checkpoint import (ConfigError, append_json, checkpoint_data_path, claim_output_dir, load_checkpoint, load_state,
+                        log_changes, save_checkpoint, weights_digest)
 from cli import nonneg_float, nonneg_int, positive_float, positive_int
 from data import (DATASETS, NUM_CLASSES, DataError, SkipUnreadable, build_dataset, closing_workers, eval_transform,
                   fixed_subset)
@@ -264,7 +266,7 @@ def train_classifier(backbone, dim, num_classes, train_set, test_set, args, env,
     start, best = 0, 0.0
     ckpt, changes = resume
     if ckpt is not None:
-        on_main(env, log_changes, out_dir, ckpt["epoch"] + 1, changes)
+        on_main(env, log_changes, os.path.join(out_dir, "log.txt"), ckpt["epoch"] + 1, changes)
         load_state(model, ckpt["model"], f"evaluation checkpoint {out_dir}/checkpoint.pth")
         load_state(opt, ckpt["optimizer"], f"the optimizer state of {out_dir}/checkpoint.pth")
         start, best = ckpt["epoch"], ckpt["best_top1"]
@@ -283,7 +285,7 @@ def train_classifier(backbone, dim, num_classes, train_set, test_set, args, env,
         is_best, best = top1 > best, max(best, top1)
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "best_top1": best,
                  "source": source or {}, "backbone_sha256": digest, "args": vars(args),
-                 "world_size": env.world_size, "runtime": runtime(env)}
+                 "world_size": env.world_size, "runtime": eval_runtime(env)}
         on_main(env, save_epoch, out_dir, state, {"epoch": epoch + 1, "loss": loss.item(), "lr": lr, "top1": top1,
                                                   "top5": top5}, is_best)
     if start >= args.epochs:  # resumed a finished run: report its final classifier
@@ -356,7 +358,7 @@ def evaluate_backbone(backbone, dim, pre, args, env, out_dir: str, source: dict,
     train_set, test_set, num_classes = eval_sets(args, pre, augment=not (args.knn or args.cache_features))
     if args.knn:
         train_set, test_set, k, t = knn_sets(args, pre, train_set, test_set)
-    lock = on_main(env, claim_output_dir, out_dir)  # the data is there: the first write
+    lock = on_main(env, claim_output_dir, out_dir, "evaluation")  # the data is there: the first write
     try:
         backbone = backbone.to(env.device)
         result = {**source, "arch": pre["arch"], "train_images": len(train_set), "test_images": len(test_set)}
@@ -393,7 +395,7 @@ def run(args, env) -> dict:
     if mode == "export":
         check_export_target(args.export, args.checkpoint, args.force)
     else:
-        check_output_dir(out_dir, args.output_dir is not None, args.checkpoint)
+        check_eval_output_dir(out_dir, args.output_dir is not None, args.checkpoint)
     backbone, dim, pre, (pre_epoch, pre_step) = load_backbone(args.checkpoint, args.arch, args.random_init,
                                                                args.seed)
     if mode == "export":  # one writer: every rank holds the same weights
@@ -424,8 +426,11 @@ def main(argv=None) -> dict:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         result = run(args, env)
-    except (ConfigError, DataError) as e:
-        cli.fail(e, show=env.main if env else int(os.environ.get("RANK", "0")) == 0)
+    except distributed.OtherRankFailed:  # that rank prints the error line
+        sys.exit(cli.EXIT_ERROR)
+    except (ConfigError, DataError) as e:  # a data error may be one rank's own: that rank reports it
+        cli.fail(e, show=(env.main or isinstance(e, DataError)) if env else int(os.environ.get("RANK", "0")) == 0,
+                 rank=None if env is None or env.world_size == 1 else env.rank)
     finally:
         distributed.cleanup()
     return result

@@ -23,8 +23,8 @@ Memory per rank (D = feature size, n_test padded to a multiple of R, b = query c
     working set     b x n_train / R x 2 bytes of similarities + 2^24 floats (64 MB) of votes
 ImageNet ResNet-50 (D = 2048, 1,281,167 train / 50,000 val images, k = 200, b = 256):
     R = 8:  bank shard 656 MB, queries 205 MB (410 MB gathering), top-k 2 x 80 MB,
-            similarities 82 MB: about 1.2 GB at peak (gathering the whole bank in float32, as
-            this module once did, was 10.5 GB on every rank and about 21 GB while gathering).
+            similarities 82 MB: about 1.2 GB at peak (gathering the whole bank in float32 instead
+            would take 10.5 GB on every rank and about 21 GB while gathering).
     R = 32: bank shard 164 MB, queries 205 MB (410 MB gathering), top-k 2 x 80 MB,
             similarities 21 MB: about 0.6 GB at peak.
 The ImageNet monitor's sets, fixed subsets of 100k train and 10k val images (train.py
@@ -48,11 +48,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import closing_workers, ignore_sigterm
+from data import closing_workers, ignore_stop_signals
 from distributed import all_gather, all_reduce_sum, world_size as process_count
 from progress import show_bars
 
-STOP_CHECK_EVERY = 10  # batches between the collectives that agree on stopping (SIGTERM)
+STOP_CHECK_EVERY = 10  # batches between the collectives that agree on stopping (SIGTERM, Ctrl-C)
 VOTE_ELEMENTS = 2 ** 24  # one-hot votes (rows x k x C floats) materialised at once: 64 MB
 
 
@@ -94,7 +94,7 @@ def encode_shard(backbone, dataset, batch_size: int, workers: int, device, rank:
     mine += [mine[0] if mine else 0] * (per_rank - real)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size,
                                          num_workers=workers, pin_memory=device.type == "cuda",
-                                         worker_init_fn=ignore_sigterm)  # the main process saves and stops
+                                         worker_init_fn=ignore_stop_signals)  # the main process saves and stops
     was_training = backbone.training
     backbone.eval()
     feats, labels, at, stopped = None, torch.empty(per_rank, dtype=torch.long, device=device), 0, False

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 import augment
-from distributed import all_ok
+from distributed import agree, on_main
 from data import (IMAGENET_MEAN_STD, MEAN_STD, NUM_CLASSES, CropToUint8, DataError, EpochSampler, FashionMNIST,
-                  SkipUnreadable, TwoViews, build_dataset, eval_transform, fixed_subset, ignore_sigterm,
+                  SkipUnreadable, TwoViews, build_dataset, eval_transform, fixed_subset, ignore_stop_signals,
                   two_view_transforms)
 
 RESIDENT = ("fashion-mnist", "cifar10", "cifar100", "fake")  # held on the device by the batched path
@@ -237,8 +237,8 @@ def shm_prefetch(batch_bytes: int, workers: int, local_ranks: int) -> int:
 def build_train_loader(args, env, path: str) -> "TrainLoader":
     """The training batches of a run: its dataset, subset, sampler and augmentation path.
 
-    path: "workers", "cpu" or "cuda" (train.py resolves --augment-device auto and checks that a
-    batched path runs on the training device).
+    path: "workers", "cpu" or "cuda" (options.augment_path resolves --augment-device auto, and
+    options.check_args checks that a batched path runs on the training device).
     """
     batch, dev = args.batch_size // env.world_size, env.device
     batched, resident = path != "workers", args.dataset in RESIDENT
@@ -264,8 +264,7 @@ def build_train_loader(args, env, path: str) -> "TrainLoader":
             check_fits(images, dev)  # each rank's own GPU: all ranks must agree to go on
         except DataError as e:
             error = e
-        if not all_ok(error is None, dev):
-            raise error or DataError("another rank's GPU has no room for the training set; see its error")
+        agree(error, dev)
         source = ResidentImages(images.to(dev), labels.to(dev), sampler, batch)
         views = DeviceAugmented(source, sampler, dev, args.image_size, args.crop_min, mean_std, args.seed,
                                 env.rank, crop=True, batch=batch, compiled=compiled)
@@ -277,11 +276,10 @@ def build_train_loader(args, env, path: str) -> "TrainLoader":
                                     int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))
         except DataError as e:
             error = e
-        if not all_ok(error is None, dev):
-            raise error or DataError(f"another rank's {SHM} is too small for its workers; see its error")
+        agree(error, dev)
     loader = torch.utils.data.DataLoader(SeededItems(train_set, args.seed), batch, sampler=EpochItems(sampler),
                                          num_workers=args.workers, pin_memory=dev.type == "cuda", drop_last=True,
-                                         worker_init_fn=ignore_sigterm, persistent_workers=args.workers > 0,
+                                         worker_init_fn=ignore_stop_signals, persistent_workers=args.workers > 0,
                                          prefetch_factor=prefetch)
     views = DeviceAugmented(loader, sampler, dev, args.image_size, args.crop_min, mean_std, args.seed, env.rank,
                             crop=False, batch=batch, compiled=compiled) if batched else PILBatches(loader, dev)
@@ -291,14 +289,7 @@ def build_train_loader(args, env, path: str) -> "TrainLoader":
 def prepare_dataset(args, env) -> None:
     """Rank 0 downloads first (when the dataset can be, and a network exists); every rank
     learns whether that failed (this is also the barrier after the download)."""
-    failed = None
-    if env.main:
-        try:
-            build_dataset(args.dataset, args.data_path, True, None, True, args.fake_size, args.image_size)
-        except DataError as e:
-            failed = e
-    if not all_ok(failed is None, env.device):
-        raise failed or DataError(f"rank 0 could not prepare --dataset {args.dataset}; see its error")
+    on_main(env, build_dataset, args.dataset, args.data_path, True, None, True, args.fake_size, args.image_size)
 
 
 def build_knn_sets(args):
@@ -342,7 +333,7 @@ class TrainLoader:
             raise
 
     def close(self) -> None:
-        """End the persistent DataLoader workers now. They ignore SIGTERM (data.ignore_sigterm),
+        """End the persistent DataLoader workers now. They ignore SIGTERM (data.ignore_stop_signals),
         and Python's exit handler for child processes sends SIGTERM and then waits: workers still
         running at exit would make it wait for ever."""
         iterator = getattr(self.dataloader, "_iterator", None)

@@ -10,7 +10,7 @@ import os
 import cli
 from checkpoint import ConfigError
 from cli import nonneg_float, nonneg_int, positive_float, positive_int
-from data import DATASETS, FASHION_MNIST_DEB, IMAGE_SIZE
+from data import DATASETS, FASHION_MNIST_DEB, IMAGE_SIZE, debian_fashion_mnist
 from loaders import AUGMENT_DEVICES
 from loss import FORMS
 from model import ARCHS, STEMS, VITS
@@ -29,7 +29,7 @@ KNN_SUBSETS = {"imagenet": (100_000, 10_000)}
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = cli.Parser("train.py", description="SNCLR pretraining: `torchrun --nproc_per_node=G train.py --arch resnet50 --data-path DIR` "
-                   "(or `python train.py ...` in one process); README.md has the recipes")
+                   "(or `python train.py ...` in one process); docs/running.md has the recipes")
     a = p.add_argument
     # model
     a("--arch", default="resnet50", choices=ARCHS, help="encoder f; the paper uses resnet50, vit_small, vit_base")
@@ -103,7 +103,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--knn-test-size", type=nonneg_int, default=None, help="kNN queries: a fixed subset of the test split; "
       "default 10000 for imagenet, else all (0)")
     a("--print-freq", type=positive_int, default=20, help="read loss and w every N steps: progress bar "
-      "figures, or one plain line when stderr is not a terminal (SLURM, nohup); a NaN or a SIGTERM "
+      "figures, or one plain line when stderr is not a terminal (SLURM, nohup); a NaN loss "
       "stops the run at the next such step")
     a("--output-dir", default="output", help="args.json, log.txt, checkpoint.pth; resumes from its checkpoint")
     a("--resume", default=None, help="resume from this checkpoint instead of OUTPUT/checkpoint.pth")
@@ -122,7 +122,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     for key, value in RECIPES["vit" if args.arch in VITS else "resnet"].items():
         if out[key] is None:
             out[key] = value
-    debian = args.dataset == "fashion-mnist" and os.path.isdir(FASHION_MNIST_DEB)  # else downloaded to ./data
+    debian = args.dataset == "fashion-mnist" and debian_fashion_mnist()  # else read from or downloaded to ./data
     data_path = args.data_path or (FASHION_MNIST_DEB if debian else "data")
     out["data_path"] = os.path.abspath(data_path)  # so evaluation finds it from any folder
     if out["image_size"] is None:

@@ -2,7 +2,7 @@
 
 Under bf16 autocast the encoders run in bf16, but cosines in bf16 are off by about 1 %, which
 moves w (Eq. 4) and the loss (Eq. 1, 2) visibly; float64 inputs stay float64 so the tests can
-check the equations against Python-float loops to 1e-12. Used by positiveness.py and loss.py.
+check the equations against Python-float loops to 1e-12. Used by positiveness.py, loss.py and model.py.
 """
 import torch
 

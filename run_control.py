@@ -5,7 +5,7 @@ train.py holds the method: the step, the epoch, the schedules. Around them a run
   failure and the exit status (0 done, 1 error, 143 SIGTERM, 130 Ctrl-C);
 - `setup`: options checked, the checkpoint to resume read and compared with the options,
   data, model, optimizer, then the output folder, its lock and args.json;
-- `Run.end_epoch`: batch-norm statistics, the checkpoint and the epoch's log line (on disk
+- `Run.end_epoch`: the checkpoint and the epoch's log line (on disk
   together), then the kNN monitor, whose figure is added to the log when it exists;
 - `Run.close`: every loader and the lock released, on every exit path.
 The order after an epoch (save, then monitor) means a signal during the monitor loses nothing.
@@ -20,9 +20,10 @@ import torch
 
 import cli
 import distributed
-from checkpoint import (ConfigError, RunLock, append_json, check_output_dir, check_resume, load_checkpoint,
-                        load_state, prepare_output_dir, save_checkpoint, write_json)
+from distributed import on_main
 from batch_norm import convert_to_global_batch_norm
+from checkpoint import (ConfigError, append_json, check_output_dir, check_resume, claim_output_dir, load_checkpoint,
+                        load_state, log_changes, new_log, read_log, save_checkpoint, write_json)
 from data import DataError
 from knn import knn_accuracy
 from loaders import build_knn_sets, build_train_loader, prepare_dataset
@@ -44,14 +45,19 @@ def launch(train, args) -> None:
         if threading.current_thread() is threading.main_thread():  # finish the step, save, exit
 
             def on_signal(signum, _frame):
+                if env.stop.is_set():  # a second signal: stop at once (Python's own handling)
+                    signal.signal(signum, previous.get(signum, signal.SIG_DFL))
+                    signal.raise_signal(signum)
                 env.stop.signum = signum  # which signal: preempted() exits with 128 + signum
                 env.stop.set()
             previous = {s: signal.signal(s, on_signal) for s in SIGNAL_NAMES}
         status = train(args, env)
+    except distributed.OtherRankFailed:  # that rank prints the error line
+        sys.exit(cli.EXIT_ERROR)
     except (ConfigError, DataError, FloatingPointError) as e:
-        # options are the same on every rank: rank 0 alone reports them; a data or numeric error
-        # may be one rank's own (its shard, its GPU's memory), so that rank reports it
-        cli.fail(e, show=env is None or env.main or not isinstance(e, ConfigError),
+        # options and the loss (all-reduced) are the same on every rank: rank 0 alone reports
+        # them; a data error may be one rank's own (its shard, its GPU), so that rank reports it
+        cli.fail(e, show=env is None or env.main or isinstance(e, DataError),
                  rank=None if env is None or env.world_size == 1 else env.rank)
     finally:
         for s, handler in previous.items():
@@ -72,26 +78,47 @@ def preempted(env, where: str) -> int:
 
 def find_checkpoint(args) -> tuple[str, dict]:
     """(path, checkpoint or None) to resume from. Refuses what would mix two runs in one folder:
-    --resume of another folder's checkpoint into a folder that holds files, and a log.txt
-    without a readable checkpoint.pth beside it (a crashed first epoch, or a damaged folder)."""
-    out = args.output_dir
-    own = os.path.join(out, "checkpoint.pth")
+    --resume of another folder's checkpoint into a folder that holds another run (the same
+    command rerun continues from the folder's own checkpoint), and a log.txt with trained
+    epochs but no readable checkpoint.pth beside it (a damaged folder)."""
+    out, own = args.output_dir, os.path.join(args.output_dir, "checkpoint.pth")
     log = os.path.join(out, "log.txt")
     if os.path.lexists(log) and not os.path.isfile(log):
         raise ConfigError(f"{log} is not a file; remove it or choose another --output-dir")
-    if args.resume:
+    if os.path.lexists(own) and not os.path.isfile(own):
+        raise ConfigError(f"{own} is not a checkpoint file (a folder or a broken link); remove it or choose "
+                          f"another --output-dir")
+    if args.resume and not resumed_here_before(args.resume, out):
         came_from = os.path.dirname(os.path.realpath(args.resume))
         if came_from != os.path.realpath(out) and os.path.isdir(out) and os.listdir(out):
             raise ConfigError(f"--resume {args.resume} would write into {out}, which holds another run's files; "
                               f"resume into {came_from} or an empty --output-dir")
         return args.resume, load_checkpoint(args.resume)
-    if os.path.lexists(own) and not os.path.isfile(own):
-        raise ConfigError(f"{own} is not a checkpoint file (a folder or a broken link); remove it or choose "
-                          f"another --output-dir")
-    if not os.path.lexists(own) and os.path.isfile(log):
-        raise ConfigError(f"{out} holds a log.txt but no checkpoint.pth (a run that ended before its first save); "
-                          f"remove {log} to start over, or choose another --output-dir")
+    if not os.path.isfile(own) and os.path.isfile(log) and logs_training(log):
+        raise ConfigError(f"{out} holds a log.txt of trained epochs but no checkpoint.pth; remove {log} to start "
+                          f"over, or choose another --output-dir")
     return own, load_checkpoint(own) if os.path.isfile(own) else None
+
+
+def logs_training(log: str) -> bool:
+    """Whether a log.txt holds more than a new run's random-init line (or cannot be read)."""
+    try:
+        return any(entry["epoch"] > 0 for entry in read_log(log))
+    except (ValueError, KeyError, TypeError):
+        return True
+
+
+def resumed_here_before(resume: str, out: str) -> bool:
+    """Whether out holds a checkpoint of a run started with this same --resume: rerunning that
+    command continues from out's own, newer checkpoint."""
+    saved = os.path.join(out, "args.json")
+    try:
+        with open(saved) as f:
+            first = json.load(f).get("resume")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(first) and os.path.isfile(os.path.join(out, "checkpoint.pth")) and \
+        os.path.realpath(first) == os.path.realpath(resume)
 
 
 class Run:
@@ -132,20 +159,9 @@ class Run:
     def open_output(self, changes: list[str]) -> None:
         """Rank 0 creates the folder, takes its lock, writes args.json and logs accepted option
         changes; every rank learns whether it could."""
-        failed = None
-        if self.env.main:
-            try:
-                prepare_output_dir(self.args.output_dir)
-                self.lock = RunLock(self.args.output_dir)
-                write_json(os.path.join(self.args.output_dir, "args.json"), vars(self.args))
-                for change in changes:
-                    print(f"resumed with a changed option (--allow-changed-args): {change}")
-                if changes:  # logged with the first epoch they apply to
-                    append_json(self.log_path, {"epoch": self.epoch + 1, "changed_args": changes})
-            except ConfigError as e:
-                failed = e
-        if not distributed.all_ok(failed is None, self.env.device):
-            raise failed or ConfigError(f"rank 0 cannot use --output-dir {self.args.output_dir}")
+        self.lock = on_main(self.env, claim_output_dir, self.args.output_dir, "training")
+        on_main(self.env, write_json, os.path.join(self.args.output_dir, "args.json"), vars(self.args))
+        on_main(self.env, log_changes, self.log_path, self.epoch + 1, changes)
         if self.epoch >= self.end and self.env.main:
             print(f"{self.save_path} is at epoch {self.epoch}: nothing to train (it stops after epoch {self.end}: "
                   f"--epochs {self.args.epochs}, --stop-after-epoch {self.args.stop_after_epoch})")
@@ -161,16 +177,14 @@ class Run:
         """Rank 0 writes the checkpoint, then the epoch's log line (so both are on disk before the
         monitor); every rank learns whether it could, so a full disk stops all of them (one line,
         from rank 0). The log line is kept even when the save fails."""
-        error = None
-        if self.env.main:
-            try:
-                save_checkpoint(self.save_path, self.state(epoch, step))
-            except ConfigError as e:
-                error = e
+        on_main(self.env, self._write_epoch, epoch, step, log)
+
+    def _write_epoch(self, epoch: int, step: int, log: dict) -> None:
+        try:
+            save_checkpoint(self.save_path, self.state(epoch, step))
+        finally:  # the figures survive a failed save
             if log:
                 append_json(self.log_path, log)
-        if not distributed.all_ok(error is None, self.env.device):
-            raise error or ConfigError("rank 0 could not save the checkpoint; see its error")
 
     def monitor(self, tag: str):
         """kNN top-1 of the online encoder f (eval mode; training mode is restored); None when a
@@ -187,8 +201,8 @@ class Run:
         if self.epoch or self.start_it:
             return True
         self.baseline = self.monitor("random init")
-        if self.baseline is not None and self.env.main:
-            append_json(self.log_path, {"epoch": 0, "knn_top1": self.baseline})
+        if self.baseline is not None:  # a new run's log starts here (find_checkpoint: nothing else in it)
+            on_main(self.env, new_log, self.log_path, {"epoch": 0, "knn_top1": self.baseline})
         return self.baseline is not None
 
     def end_epoch(self, epoch: int, it: int, log: dict, stopped: bool, skipped: int):
@@ -205,10 +219,9 @@ class Run:
         if due and not stopped:
             knn = self.monitor(f"epoch {epoch + 1}")
             stopped = knn is None
-            if env.main:  # a second line for the same epoch: read_log merges them
-                append_json(self.log_path, {"epoch": epoch + 1, **({"knn_top1": knn} if knn is not None
-                                                                   else {"knn_interrupted": True})})
-            log.update({"knn_top1": knn} if knn is not None else {"knn_interrupted": True})
+            figure = {"knn_top1": knn} if knn is not None else {"knn_interrupted": True}
+            on_main(env, append_json, self.log_path, {"epoch": epoch + 1, **figure})  # read_log merges the lines
+            log.update(figure)
         if env.main:
             print(json.dumps(log))
         if stopped:

@@ -53,11 +53,11 @@ def fashion_files(root, n=5, labels=None, images=None):
 EVAL = ["--device", "cpu", "--batch-size", "8"]
 
 
-# --------------------------------------------------- item 2: no hang after a data error ---
+# ---------------------------------------------------------- no hang after a data error ---
 @pytest.mark.parametrize("mode", [["--knn"], ["--epochs", "1"]])
 def test_an_unreadable_test_image_with_workers_ends_with_one_line(tmp_path, mode):
     """A zero-byte validation JPEG, read by DataLoader workers (which ignore SIGTERM): the error
-    line, then the process exits (it used to wait for its workers for ever)."""
+    line, then the process exits (workers included)."""
     data = jpeg_folder(tmp_path / "data")
     (data / "val" / "b" / "0.jpg").write_bytes(b"")
     ckpt = fake_checkpoint(tmp_path / "c.pth")
@@ -68,7 +68,7 @@ def test_an_unreadable_test_image_with_workers_ends_with_one_line(tmp_path, mode
     assert snapshot(data) == before
 
 
-# --------------------------------------------- item 4: a probe resumes only its own run ---
+# ---------------------------------------------------- a probe resumes only its own run ---
 def test_a_probe_resumes_only_with_the_same_options_and_backbone(tmp_path, capsys):
     import eval_linear
     ckpt, out = fake_checkpoint(tmp_path / "c.pth"), tmp_path / "probe"
@@ -101,7 +101,7 @@ def test_a_probe_refuses_a_backbone_rewritten_since_it_began(tmp_path):
     assert snapshot(tmp_path) == saved
 
 
-# ------------------------------------------------------------ item 5: one probe per folder ---
+# ------------------------------------------------------------------- one probe per folder ---
 def test_a_second_evaluation_into_a_held_folder_is_refused(tmp_path):
     ckpt, out = fake_checkpoint(tmp_path / "c.pth"), tmp_path / "out"
     out.mkdir()
@@ -119,7 +119,7 @@ def test_a_second_evaluation_into_a_held_folder_is_refused(tmp_path):
         holder.wait()
 
 
-# -------------------------------------------------------------------- item 6: full disk ---
+# --------------------------------------------------------------------------- full disk ---
 class FillsUp:
     """A binary file that takes `room` bytes, then fails as a full disk does."""
 
@@ -173,7 +173,7 @@ def test_a_disk_that_fills_mid_save_gives_one_line_and_keeps_the_previous_file(t
         write_json(str(tmp_path / "args.json"), {"x": "y" * 4000})
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth"]
     with FillsUp(open(tmp_path / "raw.pth", "wb"), 100_000) as f, pytest.raises(RuntimeError, match="enforce fail"):
-        torch.save({"x": torch.zeros(2**20)}, f)                  # what the message used to be
+        torch.save({"x": torch.zeros(2**20)}, f)                  # torch's own message, unhandled
 
 
 def test_a_full_disk_at_results_keeps_the_printed_figure(tmp_path, monkeypatch, capsys):
@@ -236,7 +236,7 @@ def test_a_full_disk_at_the_lock_json_and_log_leaves_no_file(small_disk):
     assert sorted(os.listdir(small_disk)) == ["filler", "log.txt"] and (small_disk / "log.txt").read_bytes() == kept
 
 
-# ------------------------------------------------------- item 7: wrong data, one line ---
+# -------------------------------------------------------------- wrong data, one line ---
 def test_a_validation_folder_without_a_training_class_is_refused(tmp_path):
     data = jpeg_folder(tmp_path / "data", classes=("a", "b", "c"))
     for f in (data / "val" / "b").iterdir():
@@ -297,7 +297,7 @@ def test_ablations_refuse_a_partial_run_of_another_budget(tmp_path, capsys):
     assert snapshot(tmp_path) == saved
 
 
-# ------------------------------------------------- item 8: one line, not a traceback ---
+# -------------------------------------------------------- one line, not a traceback ---
 def test_non_square_folder_images_at_small_sizes_evaluate(tmp_path):
     from PIL import Image
     from data import eval_transform
@@ -352,7 +352,7 @@ def test_ablations_from_another_folder_end_with_the_error_line_of_train(tmp_path
     assert f"{HERE}/train.py" in res.stdout and not (tmp_path / "results" / "ablation_cosine_s0.json").exists()
 
 
-# ---------------------------------------------------------------- item 9: words ---
+# ---------------------------------------------------------- the words of two messages ---
 def test_random_bytes_are_not_a_checkpoint(tmp_path):
     from checkpoint import ConfigError, load_checkpoint
     g = np.random.default_rng(0)
@@ -371,7 +371,7 @@ def test_a_mid_epoch_checkpoint_is_reported_with_its_step(tmp_path):
     assert (result["pretrain_epoch"], result["pretrain_step_in_epoch"]) == (1, 3)
 
 
-# -------------------------------------------- issue 17: where Fashion-MNIST comes from ---
+# ---------------------------------------------------- where Fashion-MNIST comes from ---
 def test_fashion_mnist_from_the_asked_folder_debian_or_a_download(tmp_path, monkeypatch):
     """Never a real download: torchvision's class is replaced by one that writes the files
     where torchvision would (ROOT/FashionMNIST/raw), or fails as without a network."""

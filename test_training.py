@@ -526,16 +526,41 @@ def test_a_folder_that_would_mix_two_runs_is_refused(tmp_path, capsys, damage):
     if damage == "log is a folder":
         (out / "log.txt").mkdir()
     else:
-        (out / "log.txt").write_text('{"epoch": 0, "knn_top1": 1.0}\n')
+        (out / "log.txt").write_text('{"epoch": 0, "knn_top1": 1.0}\n{"epoch": 1, "loss": 9.0}\n')
     if damage == "checkpoint is a folder":
         (out / "checkpoint.pth").mkdir()
     elif damage == "dangling link":
         (out / "checkpoint.pth").symlink_to(tmp_path / "gone.pth")
     before = snapshot(tmp_path)
     err = fails_in_process(capsys, train.main, SMOKE + ["--epochs", "1", "--output-dir", str(out)], status=1)
-    expected = {"no checkpoint": "holds a log.txt but no checkpoint.pth", "log is a folder": "log.txt is not a file",
+    expected = {"no checkpoint": "holds a log.txt of trained epochs but no checkpoint.pth",
+                "log is a folder": "log.txt is not a file",
                 "checkpoint is a folder": "is not a checkpoint file", "dangling link": "is not a checkpoint file"}
     assert expected[damage] in err and snapshot(tmp_path) == before
+
+
+def test_a_first_attempt_that_ended_before_its_first_save_is_started_over(tmp_path):
+    """A log.txt that holds only a random-init line (a run that failed in its first epoch) is
+    replaced by the new run's, not continued: one epoch-0 line."""
+    import train
+    (tmp_path / "log.txt").write_text('{"epoch": 0, "knn_top1": 1.0}\n')
+    train.main(SMOKE + ["--epochs", "1", "--output-dir", str(tmp_path)])
+    lines = [json.loads(line) for line in (tmp_path / "log.txt").read_text().splitlines()]
+    assert [e["epoch"] for e in lines] == [0, 1, 1] and lines[0]["knn_top1"] != 1.0
+
+
+def test_rerunning_a_resume_command_continues_from_its_own_folder(smoke_run, tmp_path):
+    """`--resume A/checkpoint.pth --output-dir B`, stopped and rerun: B's own, newer checkpoint
+    is continued (the rerun is not refused as another run's folder, nor restarted from A)."""
+    import train
+    a = copy_run(smoke_run, tmp_path / "a")                            # 2 epochs done
+    command = SMOKE + ["--epochs", "4", "--knn-every", "0", "--resume", str(a / "checkpoint.pth"),
+                       "--output-dir", str(tmp_path / "b")]
+    train.main(command + ["--stop-after-epoch", "3"])
+    assert torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)["epoch"] == 3
+    train.main(command)
+    assert torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)["epoch"] == 4
+    assert [e["epoch"] for e in read_log(tmp_path / "b" / "log.txt")] == [3, 4]
 
 
 def test_mid_epoch_resume_on_a_data_set_of_another_size_is_refused(smoke_run, tmp_path, capsys):
