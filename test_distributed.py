@@ -126,3 +126,24 @@ def test_knn_sharded_two_process_gloo_equals_single_device(tmp_path):
     assert r0["stopped"] is None and r1["stopped"] is None and r0["calls"] == r1["calls"] == 0
     assert r0["stopped_late"] is None and r1["stopped_late"] is None
     assert r0["calls_late"] == r1["calls_late"] == 5
+
+
+def test_torchrun_two_processes_train_the_one_process_run(smoke_run, tmp_path):
+    """train.py under torchrun on 2 CPU processes (gloo, batch norm over the global batch, the
+    stop agreement, rank-0 writes) logs the losses of the same command in one process."""
+    import subprocess
+    import sys
+    from checkpoint import read_log
+    from conftest import HERE, SMOKE
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={free_port()}", str(HERE / "train.py"), *SMOKE, "--epochs", "2",
+                          "--knn-every", "0", "--output-dir", str(out)],
+                         capture_output=True, text=True, cwd=HERE, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    two, one = read_log(out / "log.txt"), read_log(smoke_run / "log.txt")
+    assert [e["epoch"] for e in two] == [0, 1, 2]
+    for a, b in zip(two[1:], one[1:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["world_size"] == 2 and ckpt["epoch"] == 2
