@@ -27,20 +27,20 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-import cli
-import distributed
-from distributed import on_main
-from eval_control import (check_export_target, check_options, check_eval_output_dir, mode_of, output_folder, report,
-                          eval_runtime, resume_classifier, save_epoch,
-                          write_lines)
-from checkpoint import (ConfigError, append_json, checkpoint_data_path, claim_output_dir, load_checkpoint, load_state,
-                        log_changes, save_checkpoint, weights_digest)
-from cli import nonneg_float, nonneg_int, positive_float, positive_int
-from data import (DATASETS, NUM_CLASSES, DataError, SkipUnreadable, build_dataset, closing_workers, eval_transform,
-                  fixed_subset)
-from knn import extract_features, knn_accuracy
+from runtime import cli
+from runtime import distributed
+from runtime.distributed import on_main
+from runtime.eval_control import (check_export_target, check_options, check_eval_output_dir, mode_of,
+                                  output_folder, report, eval_runtime, resume_classifier, save_epoch,
+                                  write_lines)
+from runtime.checkpoint import (ConfigError, append_json, checkpoint_data_path, claim_output_dir,
+                                load_checkpoint, load_state, log_changes, save_checkpoint, weights_digest)
+from runtime.cli import nonneg_float, nonneg_int, positive_float, positive_int
+from images.datasets import (DATASETS, NUM_CLASSES, DataError, SkipUnreadable, build_dataset, closing_workers,
+                             eval_transform, fixed_subset)
+from monitors.knn import extract_features, knn_accuracy
 from model import ARCHS, build_backbone
-from progress import show_bars
+from runtime.progress import show_bars
 
 KNN_DEFAULTS = {"knn_k": 200, "knn_t": 0.07}  # InstDisc's; for checkpoints that predate the options
 

@@ -12,7 +12,7 @@ in persistent buffers, so `model.state_dict()` checkpoints it.
 
 Beside each key the queue keeps the class label of its image (-1 when unknown). SNCLR never
 reads them: the search and the loss see only the features (a test checks that the loss does
-not depend on them). They exist for the neighbor-quality monitor (neighbor_monitor.py),
+not depend on them). They exist for the neighbor-quality monitor (monitors/neighbor_quality.py),
 which asks how many of the neighbors share the query's class.
 """
 import torch
@@ -36,7 +36,8 @@ class MemoryQueue(nn.Module):
     def __init__(self, size: int, dim: int):
         super().__init__()
         if size < 1 or dim < 1:
-            raise ValueError(f"MemoryQueue needs size >= 1 and dim >= 1, got size={size}, dim={dim}")
+            raise ValueError(f"MemoryQueue needs size >= 1 and dim >= 1, got size={size}, "
+                             f"dim={dim}")
         self.size, self.dim = size, dim
         self.register_buffer("features", torch.zeros(size, dim))
         self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
@@ -48,64 +49,38 @@ class MemoryQueue(nn.Module):
         return self._filled
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if prefix + "features" in state_dict and prefix + "labels" not in state_dict:
-            state_dict[prefix + "labels"] = torch.full_like(self.labels, -1)  # a checkpoint from before labels
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._filled = int(self.filled)  # a checkpoint load is the one place the host must ask
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor, labels: torch.Tensor = None) -> None:
-        """Write keys (n, dim) and their labels (n,) after the newest entry, overwriting the
-        oldest ones (FIFO).
-
-        The rows written are (ptr + 0 .. n-1) mod size, so a batch that runs past the end of the
-        buffer wraps to its start; n need not divide `size`. labels=None stores -1 (unknown).
-        """
-        self._check_enqueue(keys, labels)
+        """C <- keys (n, D) and their labels (n,) (None: -1, unknown) after the newest entry,
+        over the oldest (FIFO), wrapping past the end: n need not divide the size."""
         n = keys.shape[0]
+        given = None if labels is None else tuple(labels.shape)
+        if keys.shape != (n, self.dim) or n > self.size or given not in (None, (n,)):
+            raise ValueError(f"enqueue expects keys (n, {self.dim}) and labels (n,) or None with "
+                             f"n <= the queue size {self.size} (a queue holds one global batch), "
+                             f"got keys {tuple(keys.shape)}, labels {given}")
         # the rows after the newest entry, wrapping: (ptr + 0 .. n-1) mod size
         rows = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.size    # (n,)
         # C[rows] <- k / ||k||: the oldest entries are overwritten (FIFO)
-        self.features[rows] = F.normalize(keys.detach().to(self.features.dtype), dim=1)  # (n, dim)
-        self.labels[rows] = -1 if labels is None else labels.to(self.labels)        # (n,)
+        self.features[rows] = F.normalize(keys.to(self.features.dtype), dim=1)     # (n, D)
+        self.labels[rows] = -1 if labels is None else labels.to(self.labels)       # (n,)
         self.ptr.copy_((self.ptr + n) % self.size)
         self.filled.copy_(torch.clamp(self.filled + n, max=self.size))
         self._filled = min(self._filled + n, self.size)
 
     @torch.no_grad()
-    def nearest_indices(self, query: torch.Tensor, k: int) -> torch.Tensor:
-        """Rows of the k entries with the largest cosine to each query: (B, dim) -> (B, k)."""
-        self._check_search(query, k)
-        if k == 0:  # K = 0 (InfoNCE) or a queue still too short: nothing to search
-            return torch.empty(query.shape[0], 0, dtype=torch.long, device=query.device)
-        q = F.normalize(query.detach().to(self.features.dtype), dim=1)  # ^q  (B, dim)
-        # cos(q, c) for every filled entry c of C (entries are unit vectors)
-        sim = q @ self.features[:self._filled].T                         # (B, filled)
-        # NN(q) = the k entries with the largest cosine, most similar first
-        return sim.topk(k, dim=1).indices                                # (B, k)
+    def nearest_indices(self, k: torch.Tensor, K: int) -> torch.Tensor:
+        """Eq. 3: NN(k) = the K entries c of C with the largest cos(k, c), most similar first.
 
-    @torch.no_grad()
-    def nearest_neighbors(self, query: torch.Tensor, k: int) -> torch.Tensor:
-        """Eq. 3: NN(q) = the k entries c of C with the largest cos(q, c).
-
-        query (B, dim) -> neighbors (B, k, dim), unit norm, most similar first. Only filled
-        slots are searched; k larger than the number of filled slots is an error.
-        """
-        return self.features[self.nearest_indices(query, k)]  # (B, k, dim)
-
-    def _check_enqueue(self, keys: torch.Tensor, labels) -> None:
-        if keys.dim() != 2 or keys.shape[1] != self.dim:
-            raise ValueError(f"enqueue expects keys of shape (n, {self.dim}), got {tuple(keys.shape)}")
-        n = keys.shape[0]
-        if n > self.size:
-            raise ValueError(f"cannot enqueue {n} keys into a queue of size {self.size}; "
-                             f"use a queue at least as large as the global batch")
-        if labels is not None and tuple(labels.shape) != (n,):
-            raise ValueError(f"enqueue expects labels of shape ({n},), got {tuple(labels.shape)}")
-
-    def _check_search(self, query: torch.Tensor, k: int) -> None:
-        if query.dim() != 2 or query.shape[1] != self.dim:
-            raise ValueError(f"query must have shape (B, {self.dim}), got {tuple(query.shape)}")
-        if not 0 <= k <= self._filled:
-            raise ValueError(f"asked for k={k} neighbors but the queue holds {self._filled} entries "
-                             f"(size {self.size}); k must be in [0, {self._filled}]")
+        keys k (B, D), C's dtype -> (B, K) rows of C (C[rows]: the neighbors, (B, K, D)). Only
+        filled rows are searched, so K <= len(C); K = 0 gives (B, 0)."""
+        if not 0 <= K <= self._filled:
+            raise ValueError(f"asked for K={K} neighbors but the queue holds {self._filled} "
+                             f"entries (size {self.size}); K must be in [0, {self._filled}]")
+        # cos(k_b, c) for every filled entry c of C (the entries are unit vectors)
+        cos = F.normalize(k, dim=1) @ self.features[:self._filled].T             # (B, filled)
+        # NN(k_b) = top-K_c cos(k_b, c)
+        return cos.topk(K, dim=1).indices                                          # (B, K)

@@ -1,22 +1,13 @@
-"""The SNCLR model: encoder f, projector g, predictor h, their momentum copies, positiveness
-and the memory queue (paper Sec. 3, Fig. 2), built the way MoCo v3 builds its networks.
+"""The SNCLR model: encoder f, projector g, predictor h, their momentum copies f', g', the
+positiveness (Eq. 4) and the memory queue C (Eq. 3) (paper Sec. 3, Fig. 2), built as MoCo v3
+builds its networks.
 
-One training step (train.py, `train_step`) composes these pieces; every state change is
-there, in order, and none happens inside `forward`:
-
-    k1, k2 = model.momentum_keys(x1), model.momentum_keys(x2)    # k = g'(f'(x)), no gradient
-    k_all  = all_gather(k)                                        # collective, no gradient
-    idx    = model.queue.nearest_indices(k, K)                    # Eq. 3, queue before update
-    n_all  = model.queue.features[all_gather(idx)]                # identical queue on every rank
-    loss, w = model(x1, x2, k1_all, k2_all, n1_all, n2_all, rank) # Eq. 4 + Eq. 2, symmetric
-    loss.backward(); optimizer.step()
-    model.momentum_update(m)                                      # EMA of f, g into f', g'
-    model.queue.enqueue(k2_all, labels_all)                       # FIFO, view-2 keys only
-
-With K = 0 (or while the queue holds fewer than K keys) the loss is Eq. 1, so the same model
-is the MoCo v3 baseline. The networks are built and initialised as MoCo v3 builds them:
-ResNets with zero-initialised last BN of each residual branch, ViTs with a fixed 2-D sin-cos
-position embedding and MoCo v3's initialisation (see `init_vit_as_mocov3`).
+`SNCLR.forward` is Eq. 4 and Eq. 2 for both views; the step that composes it with the keys,
+the search and the state changes is `train_step`, written out in train.py's docstring. No state
+changes inside `forward`. With K = 0 (or while the queue holds fewer than K keys) the loss is
+Eq. 1, so the same model is the MoCo v3 baseline. ResNets start with the last BN of each
+residual branch at zero, ViTs with a fixed 2-D sin-cos position embedding and MoCo v3's
+initialisation (`init_vit_as_mocov3`).
 """
 import copy
 import math
@@ -27,9 +18,8 @@ import torchvision
 from torchvision.models.vision_transformer import VisionTransformer
 
 from loss import FORMS, snclr_loss
-from precision import compute_dtype
 from memory_queue import MemoryQueue
-from positiveness import Positiveness
+from positiveness import Positiveness, option_names
 
 # ViT sizes (layers, heads, width): DeiT-Tiny, and ViT-S/ViT-B as in MoCo v3 (MLP ratio 4).
 VITS = {"vit_tiny": (12, 3, 192), "vit_small": (12, 6, 384), "vit_base": (12, 12, 768)}
@@ -60,7 +50,8 @@ def build_backbone(arch: str, image_size: int = 224, stem: str = "auto") -> tupl
         net = getattr(torchvision.models, arch)(zero_init_residual=True)
         if small:
             net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-            nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's
+            # torchvision's own initialisation of a convolution
+            nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
             net.maxpool = nn.Identity()
         dim = net.fc.in_features
         net.fc = nn.Identity()
@@ -85,13 +76,14 @@ def sincos_position_embedding(grid: int, width: int, temperature: float = 10000.
     the class token gets zeros. Not learned (MoCo v3 found no gain in learning it).
     """
     if width % 4:
-        raise ValueError(f"a 2-D sin-cos position embedding needs a width divisible by 4, got {width}")
+        raise ValueError(f"a 2-D sin-cos position embedding needs a width divisible by 4, "
+                         f"got {width}")
     d = width // 4
-    omega = 1.0 / temperature ** (torch.arange(d, dtype=torch.float64) / d)         # (d,)
-    r, c = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")    # (grid, grid)
-    r_om = r.flatten()[:, None] * omega                                             # (grid^2, d)
-    c_om = c.flatten()[:, None] * omega                                             # (grid^2, d)
-    patches = torch.cat([r_om.sin(), r_om.cos(), c_om.sin(), c_om.cos()], dim=1)    # (grid^2, width)
+    omega = 1.0 / temperature ** (torch.arange(d, dtype=torch.float64) / d)       # (d,)
+    r, c = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")  # (grid, grid)
+    r_om = r.flatten()[:, None] * omega                                           # (grid^2, d)
+    c_om = c.flatten()[:, None] * omega                                           # (grid^2, d)
+    patches = torch.cat([r_om.sin(), r_om.cos(), c_om.sin(), c_om.cos()], dim=1)  # (grid^2, width)
     return torch.cat([torch.zeros(1, width, dtype=torch.float64), patches])[None].float()
 
 
@@ -146,18 +138,26 @@ def momentum_schedule(step: int, total_steps: int, base: float = 0.99) -> float:
     return 1.0 - (1.0 - base) * (math.cos(math.pi * step / max(total_steps, 1)) + 1.0) / 2.0
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, or float64 when it is: the equations never run in bf16 (its cosines are off
+    by ~1 %, which moves w and the loss); float64 stays, for the tests' 1e-12 loop checks."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class SNCLR(nn.Module):
     """Online branch (f, g, h), momentum branch (f', g'), positiveness and queue C.
 
     Projector / predictor depths follow MoCo v3: ResNet 2-layer projector and 2-layer
     predictor without last BN; ViT 3-layer projector and 2-layer predictor with last BN.
+    positiveness names a rule of positiveness.RULES; positiveness_options are its
+    hyperparameters (e.g. positiveness_t for cosine, learn_gamma for attention).
     """
 
     def __init__(self, arch: str = "resnet50", image_size: int = 224, dim: int = 256,
                  mlp_dim: int = 4096, tau: float = 0.2, num_neighbors: int = 30,
                  queue_size: int = 65536, positiveness: str = "cosine", loss_form: str = "code",
                  threshold: bool = False, stop_grad_patch: bool = False, stem: str = "auto",
-                 positiveness_t: float = 1.0, learn_gamma: bool = False):
+                 **positiveness_options):
         super().__init__()
         if not (tau > 0 and math.isfinite(tau)):
             raise ValueError(f"temperature tau must be a finite number > 0, got {tau}")
@@ -177,67 +177,70 @@ class SNCLR(nn.Module):
         self.momentum_projector = copy.deepcopy(self.projector)                      # g'
         for p in self.momentum_parameters():
             p.requires_grad_(False)
-        self.positiveness = Positiveness(dim, positiveness, positiveness_t, learn_gamma, threshold)  # Eq. 4
+        self.positiveness = Positiveness(dim, positiveness, threshold,               # Eq. 4
+                                         **positiveness_options)
         self.queue = MemoryQueue(queue_size, dim)                                    # C, Eq. 3
 
     def online_parameters(self):
-        return list(self.backbone.parameters()) + list(self.projector.parameters())
+        return [*self.backbone.parameters(), *self.projector.parameters()]
 
     def momentum_parameters(self):
-        return list(self.momentum_backbone.parameters()) + list(self.momentum_projector.parameters())
+        return [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]
 
     @torch.no_grad()
     def momentum_keys(self, x: torch.Tensor) -> torch.Tensor:
-        """k = g'(f'(x)): images (B, 3, H, W) -> keys (B, dim), no gradient."""
-        return self.momentum_projector(self.momentum_backbone(x))  # k = g'(f'(x)), no predictor
+        """k = g'(f'(x)): images (B, 3, H, W) -> keys (B, D) in at least float32, no gradient."""
+        # k = g'(f'(x)): the momentum branch has no predictor
+        return at_least_float32(self.momentum_projector(self.momentum_backbone(x)))
 
     @torch.no_grad()
     def momentum_update(self, m: float) -> None:
-        """EMA: theta' <- m * theta' + (1 - m) * theta, for f' and g' (MoCo, BYOL).
-
-        Written as theta' + (1 - m) (theta - theta') (one fused lerp over all tensors): the same
-        formula, and a frozen tensor (theta = theta') stays bit-identical.
-        """
-        # theta' <- theta' + (1 - m) (theta - theta')
+        """EMA of f, g into f', g' (MoCo, BYOL): theta' <- m theta' + (1 - m) theta, as theta' +
+        (1 - m) (theta - theta') in one fused lerp (a frozen tensor stays bit-identical)."""
         torch._foreach_lerp_(self.momentum_parameters(), self.online_parameters(), 1.0 - m)
 
     def neighbors_ready(self) -> int:
         """K if the queue already holds K keys, else 0 (then the loss is plain Eq. 1)."""
         return self.num_neighbors if len(self.queue) >= self.num_neighbors else 0
 
-    def forward(self, x1, x2, keys1, keys2, neighbors1, neighbors2, rank: int = 0):
-        """Symmetric SNCLR loss 2 * tau * (L(z1; k2) + L(z2; k1)) and the positiveness w.
-
-        x1, x2 (B, 3, H, W) this rank's two views; keys1, keys2 (N, dim) momentum keys gathered
-        over ranks; neighbors1, neighbors2 (N, K, dim) their neighbors in the queue (Eq. 3).
-        Returns (loss, w) with w (2B, K) detached: rows 0..B-1 weigh view 1's neighbors NN(k2),
-        rows B..2B-1 view 2's NN(k1) (for monitoring). The 2 * tau factor is MoCo v3's: it makes
-        the gradient scale independent of tau.
-        """
+    def forward(self, x1, x2, k1, k2, n1, n2, rank: int = 0):
+        """Eq. 4 and Eq. 2 for both views, 2 tau (L(z1; k2, NN(k2), w1) + L(z2; k1, NN(k1), w2)),
+        from this rank's views x1, x2 (B, 3, H, W), the gathered keys k1, k2 (N, D) and their
+        neighbors n1 = NN(k1), n2 = NN(k2) (N, K, D). Returns (loss, w (2B, K) detached: w1's
+        rows, then w2's). 2 tau is MoCo v3's: it keeps the gradient scale independent of tau."""
         B = x1.shape[0]
-        local = slice(rank * B, (rank + 1) * B)                # this rank's rows of the gathers
+        self.check_gathered(B, k1, n1, rank)
+        self.check_gathered(B, k2, n2, rank)
+        own = slice(rank * B, (rank + 1) * B)                   # this rank's rows of the gathers
         # y = g(f(x)), z = h(y)
         y1, y2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))  # (B, D)
         z1, z2 = self.predictor(y1), self.predictor(y2)                                # (B, D)
-        # Eq. 4 and Eq. 2 in at least fp32 even under mixed precision: bf16 cosines are off by ~1 %.
-        with torch.autocast(x1.device.type, enabled=False):
-            dtype = compute_dtype(y1, keys1)
-            y1, y2, z1, z2 = y1.to(dtype), y2.to(dtype), z1.to(dtype), z2.to(dtype)
-            # w1_bi = softmax_i(y1_b . NN(k2_b)_i), w2 likewise with y2 and NN(k1)      Eq. 4
-            w1 = self.positiveness(y1, neighbors2[local].to(dtype))    # (B, K)
-            w2 = self.positiveness(y2, neighbors1[local].to(dtype))    # (B, K)
-            # loss = 2 tau ( L(z1; k2, NN(k2), w1) + L(z2; k1, NN(k1), w2) )             Eq. 2
-            loss = 2 * self.tau * (snclr_loss(z1, keys2, neighbors2, w1, self.tau, rank, self.loss_form)
-                                   + snclr_loss(z2, keys1, neighbors1, w2, self.tau, rank, self.loss_form))
-        return loss, torch.cat([w1, w2]).detach()              # (), (2B, K)
+        with torch.autocast(x1.device.type, enabled=False):   # the equations in >= float32
+            y1, y2, z1, z2, k1, k2, n1, n2 = map(at_least_float32, (y1, y2, z1, z2, k1, k2, n1, n2))
+            # Eq. 4: w1_bi = softmax_i(y1_b . NN(k2_b)_i), w2 likewise with y2 and NN(k1)
+            w1, w2 = self.positiveness(y1, n2[own]), self.positiveness(y2, n1[own])  # (B, K)
+            # Eq. 2, both views: 2 tau ( L(z1; k2, NN(k2), w1) + L(z2; k1, NN(k1), w2) )
+            loss = 2 * self.tau * (snclr_loss(z1, k2, n2, w1, self.tau, rank, self.loss_form)
+                                   + snclr_loss(z2, k1, n1, w2, self.tau, rank, self.loss_form))
+        return loss, torch.cat([w1, w2]).detach()
+
+    def check_gathered(self, B: int, keys: torch.Tensor, neighbors: torch.Tensor, rank: int):
+        """forward's gathered inputs: keys (N, D), neighbors (N, K, D), this rank's rows in N."""
+        N, D = keys.shape[0], self.queue.dim
+        if keys.shape != (N, D) or neighbors.shape[::2] != (N, D) or not 0 <= rank < N // B:
+            raise ValueError(f"expected keys (N, D={D}) and neighbors (N, K, D) with this rank's "
+                             f"rows [{rank * B}, {(rank + 1) * B}) inside N, got keys "
+                             f"{tuple(keys.shape)}, neighbors {tuple(neighbors.shape)}, "
+                             f"rank {rank}")
 
 
 def build_model(a: dict) -> SNCLR:
     """The SNCLR model a run's options describe (a dict, as stored in args.json and checkpoints).
 
-    Options added after a checkpoint was written take their defaults, so older checkpoints
-    still build (the ones that predate an option never used it).
+    A positiveness option missing from an older checkpoint takes its default (a run that
+    predates an option never used it).
     """
+    options = {name: a[name] for name in option_names() if name in a}
     return SNCLR(a["arch"], a["image_size"], a["dim"], a["mlp_dim"], a["tau"], a["num_neighbors"],
                  a["queue_size"], a["positiveness"], a["loss_form"], a["threshold"],
-                 a["stop_grad_patch"], a["stem"], a.get("positiveness_t", 1.0), a.get("learn_gamma", False))
+                 a["stop_grad_patch"], a["stem"], **options)

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-import distributed
-import options
-import run_control
-from checkpoint import ConfigError, read_log
+from runtime import distributed
+from runtime import options
+from runtime import run_control
+from runtime.checkpoint import ConfigError, read_log
 from model import SNCLR
-from conftest import (HERE, SMOKE, TINY, _CountingFlatten, _knn_sets, copy_run, fails_in_process, jpeg_folder,
+from conftest import (ROOT, SMOKE, TINY, _CountingFlatten, _knn_sets, copy_run, fails_in_process, jpeg_folder,
                       run_cli, snapshot)
 
 
@@ -87,9 +87,9 @@ def test_a_signal_saves_mid_epoch_and_resumes(tmp_path, signum, status, said):
     line is printed, no traceback, and a rerun resumes."""
     import time
     out = tmp_path / "run"
-    cmd = [sys.executable, str(HERE / "train.py"), *SMOKE, "--fake-size", "256", "--epochs", "20",
+    cmd = [sys.executable, str(ROOT / "train.py"), *SMOKE, "--fake-size", "256", "--epochs", "20",
            "--knn-every", "0", "--workers", "1", "--print-freq", "1", "--output-dir", str(out)]
-    proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.time() + 300
     while not (out / "log.txt").exists() and time.time() < deadline:  # random-init kNN done
@@ -231,16 +231,16 @@ def test_mid_epoch_resume_with_another_batch_or_world_size_is_refused(smoke_run,
 def test_a_second_run_on_the_same_folder_is_refused_and_a_dead_runs_lock_is_not(tmp_path, capsys):
     import signal
     import train
-    from checkpoint import RunLock
+    from runtime.checkpoint import RunLock
     lock = RunLock(str(tmp_path))                          # a run in progress holds the folder
     with pytest.raises(SystemExit):
         train.main(SMOKE + ["--epochs", "1", "--output-dir", str(tmp_path)])
     assert f"{tmp_path} is in use by a running training (pid {os.getpid()})" in capsys.readouterr().err
     assert not (tmp_path / "log.txt").exists()
     lock.release()
-    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {str(HERE)!r}); "
-                               f"from checkpoint import RunLock; RunLock({str(tmp_path)!r}); print(1, flush=True); "
-                               f"time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); "
+                               f"from runtime.checkpoint import RunLock; RunLock({str(tmp_path)!r}); "
+                               f"print(1, flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "1"
     holder.send_signal(signal.SIGKILL)                     # a crashed run: the OS releases its flock
     holder.wait()
@@ -250,7 +250,7 @@ def test_a_second_run_on_the_same_folder_is_refused_and_a_dead_runs_lock_is_not(
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 def test_full_disk_keeps_the_log_line_and_leaves_no_partial_file(tmp_path, capsys):
     import train
-    from checkpoint import ConfigError, save_checkpoint
+    from runtime.checkpoint import ConfigError, save_checkpoint
     (tmp_path / "checkpoint.pth.tmp").symlink_to("/dev/full")   # every write to the .tmp: ENOSPC
     with pytest.raises(ConfigError, match=f"no space left on {tmp_path}: saving checkpoint.pth needs about"):
         save_checkpoint(str(tmp_path / "checkpoint.pth"), {"x": torch.zeros(1000)})
@@ -294,9 +294,9 @@ def test_sigterm_to_the_process_group_during_the_monitor_exits_143(tmp_path):
     import signal
     import time
     out = tmp_path / "run"
-    cmd = [sys.executable, str(HERE / "train.py"), *SMOKE, "--fake-size", "512", "--batch-size", "64",
+    cmd = [sys.executable, str(ROOT / "train.py"), *SMOKE, "--fake-size", "512", "--batch-size", "64",
            "--queue-size", "128", "--epochs", "3", "--workers", "1", "--output-dir", str(out)]
-    proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     def workers_ignoring_sigterm():  # DataLoader workers that have run their worker_init_fn
         pids = pathlib.Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
@@ -321,7 +321,7 @@ def test_sigterm_to_the_process_group_during_the_monitor_exits_143(tmp_path):
 
 def test_truncated_idx_file_names_the_file(tmp_path):
     import gzip
-    from data import DataError, read_idx
+    from images.datasets import DataError, read_idx
     with gzip.open(tmp_path / "x-idx1-ubyte.gz", "wb") as f:
         f.write(bytes([0, 0, 8, 1]) + (5).to_bytes(4, "big") + bytes(5))
     assert read_idx(str(tmp_path / "x-idx1-ubyte.gz")).tolist() == [0] * 5
@@ -348,7 +348,7 @@ def test_sigterm_during_the_knn_monitor_keeps_the_saved_epoch(tmp_path, monkeypa
             kwargs["stop"].set()
         return knn_accuracy(*args, **kwargs)
 
-    from knn import knn_accuracy
+    from monitors.knn import knn_accuracy
     monkeypatch.setattr(run_control, "knn_accuracy", monitor_then_sigterm)
     with pytest.raises(SystemExit) as exit_info:
         train.main(SMOKE + ["--epochs", "2", "--output-dir", str(tmp_path)])
@@ -360,8 +360,8 @@ def test_sigterm_during_the_knn_monitor_keeps_the_saved_epoch(tmp_path, monkeypa
 
 
 def test_resident_batches_follow_the_samplers_epoch_order():
-    from data import EpochSampler
-    from loaders import ResidentImages
+    from images.datasets import EpochSampler
+    from images.loaders import ResidentImages
     n, batch = 40, 4
     images = torch.arange(n, dtype=torch.uint8)[:, None, None, None].expand(n, 1, 2, 2).contiguous()
     sampler = EpochSampler(torch.utils.data.DistributedSampler(range(n), 2, 1, shuffle=True, seed=5, drop_last=True))
@@ -372,7 +372,7 @@ def test_resident_batches_follow_the_samplers_epoch_order():
 
 
 def test_mid_epoch_resume_on_the_device_path_is_bit_exact(tmp_path, monkeypatch):
-    """--augment-device cpu (the training set held on the device, augment.py): a run stopped
+    """--augment-device cpu (the training set held on the device, images/augment.py): a run stopped
     inside epoch 1 and resumed ends with the same weights, queue and statistics as a straight run."""
     import train
     common = SMOKE + ["--epochs", "2", "--knn-every", "0", "--augment-device", "cpu"]
@@ -396,8 +396,8 @@ def test_mid_epoch_resume_on_the_device_path_is_bit_exact(tmp_path, monkeypatch)
 
 
 def test_a_resident_set_too_large_for_the_gpu_is_refused_with_the_option_to_use(monkeypatch):
-    from data import DataError
-    from loaders import check_fits
+    from images.datasets import DataError
+    from images.loaders import check_fits
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 * 2**20, 80 * 2**30))  # 3 MiB free
     check_fits(torch.zeros(2**20, dtype=torch.uint8), torch.device("cuda", 0))           # 1 MiB: fits
     with pytest.raises(DataError, match="more than half of the 0.0 GiB free on cuda:0; use --augment-device workers"):
@@ -406,7 +406,7 @@ def test_a_resident_set_too_large_for_the_gpu_is_refused_with_the_option_to_use(
 
 
 def test_pil_path_batches_do_not_depend_on_the_number_of_workers():
-    from loaders import build_train_loader
+    from images.loaders import build_train_loader
     batches = []
     for workers in ("0", "2"):
         args = options.parse_args(SMOKE + ["--workers", workers])
@@ -437,7 +437,7 @@ def test_cli_refuses_checkpoint_of_another_arch(smoke_run, capsys):
 # --------------------------------------------------------------------- data ---
 def test_fashion_mnist_reads_idx_gz_files(tmp_path):
     import gzip
-    from data import FashionMNIST
+    from images.datasets import FashionMNIST
     images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
     labels = torch.tensor([3, 1, 4, 1, 5], dtype=torch.uint8)
     for prefix in ("train", "t10k"):  # IDX: 0, 0, type 0x08 (ubyte), ndim, big-endian sizes, data
@@ -453,7 +453,7 @@ def test_fashion_mnist_reads_idx_gz_files(tmp_path):
 
 
 def test_epoch_sampler_skips_the_trained_part_of_the_same_order():
-    from data import EpochSampler
+    from images.datasets import EpochSampler
     base = torch.utils.data.DistributedSampler(list(range(20)), num_replicas=2, rank=1, shuffle=True, seed=3)
     s = EpochSampler(base)
     s.set_epoch(4)
@@ -474,10 +474,10 @@ def test_balanced_subset_takes_the_same_share_of_every_class():
     assert [sum(labels[i] == c for i in balanced_subset(labels, 1, seed=0)) for c in range(3)] == [3, 1, 1]
 
 
-# ------------------------------------------------------------------- knn.py ---
+# ------------------------------------------------------------------- monitors/knn.py ---
 def test_knn_stop_returns_none_before_encoding_everything():
     import threading
-    from knn import knn_accuracy
+    from monitors.knn import knn_accuracy
     train_set, test_set = _knn_sets()
     stop, net = threading.Event(), _CountingFlatten()
     stop.set()                                              # SIGTERM before the call
@@ -497,10 +497,13 @@ def test_knn_stop_returns_none_before_encoding_everything():
 def test_walkthrough_runs_and_checks_every_quantity(capsys):
     """walkthrough.py asserts each quantity against its loop as it goes; run it in-process."""
     import runpy
-    runpy.run_path(str(HERE / "walkthrough.py"), run_name="__main__")
+    runpy.run_path(str(ROOT / "walkthrough.py"), run_name="__main__")
     out = capsys.readouterr().out
-    for quantity in ("NN(k2[0])", "w1[0]", "p_0(own, 0)", "Eq. 2 (code form)", "Eq. 2 (paper form)",
-                     "Eq. 1 (InfoNCE)", "symmetric loss", "queue holds 32 keys"):
+    labels = ["Eq. 3: NN(k2[b])", "Eq. 4: w1[0]", "Eq. 2: p_b(b*, i)", "Eq. 2 (code form)",
+              "Eq. 2 (paper form)", "Eq. 1 (InfoNCE)", "Eq. 1 = Eq. 2 at K = 0"]
+    at = [out.index(label) for label in labels]         # each printed, in the order of the step
+    assert at == sorted(at), labels
+    for quantity in ("w1[0, 2]", "p_0(0*, 3)", "symmetric loss", "queue holds 32 keys"):
         assert quantity in out, quantity
 
 
@@ -511,7 +514,8 @@ def test_resume_into_a_folder_holding_another_run_is_refused(smoke_run, tmp_path
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "log.txt").write_text('{"epoch": 0, "knn_top1": 1.0}\n')
     before = snapshot(tmp_path)
-    err = fails_in_process(capsys, train.main, SMOKE + ["--epochs", "3", "--resume", str(tmp_path / "a" / "checkpoint.pth"),
+    err = fails_in_process(capsys, train.main, SMOKE + ["--epochs", "3", "--resume",
+                                                        str(tmp_path / "a" / "checkpoint.pth"),
                                                         "--output-dir", str(tmp_path / "b")], status=1)
     assert "would write into" in err and "holds another run's files" in err
     assert snapshot(tmp_path) == before
@@ -581,7 +585,7 @@ def test_the_epochs_log_line_is_on_disk_with_its_checkpoint_before_the_monitor(t
     """A process killed during the kNN monitor keeps the finished epoch's line (loss, speed,
     neighbor figures); the monitor's figure follows in a line of its own."""
     import train
-    from knn import knn_accuracy
+    from monitors.knn import knn_accuracy
     seen = []
 
     def monitor(*args, **kwargs):

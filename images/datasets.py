@@ -7,7 +7,7 @@ folders), fashion-mnist (read straight from the IDX files, .gz or not, so Debian
 network exists: fashion_mnist_root) and `fake` (torchvision FakeData, for smoke tests).
 
 The PIL transforms here are the readable reference of the augmentations and the CPU default;
-augment.py holds the same ops batched on the device, and loaders.py chooses between them.
+images/augment.py holds the same ops batched on the device, and images/loaders.py chooses between them.
 """
 import contextlib
 import gzip
@@ -21,7 +21,8 @@ import urllib.error
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
-from torchvision import datasets, transforms
+import torchvision
+from torchvision import transforms
 
 DATASETS = ("imagenet", "cifar10", "cifar100", "fashion-mnist", "folder", "fake")
 NUM_CLASSES = {"imagenet": 1000, "cifar10": 10, "cifar100": 100, "fashion-mnist": 10, "fake": 10}
@@ -86,7 +87,7 @@ def two_view_transforms(dataset: str, image_size: int, crop_min: float = 0.08):
 class CropToUint8:
     """The worker side of the batched path: RandomResizedCrop(scale crop_min..1) and flip in
     PIL, then a uint8 (3, size, size) tensor. Colour, blur, solarize and normalisation run on
-    the device (augment.py), where they are cheap; decoding and cropping stay in the workers
+    the device (images/augment.py), where they are cheap; decoding and cropping stay in the workers
     because they shrink the image (a 500x375 JPEG becomes 224x224) before it crosses to the GPU."""
 
     def __init__(self, image_size: int, crop_min: float):
@@ -146,7 +147,7 @@ def read_idx(path: str) -> np.ndarray:
 
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                        "t10k-labels-idx1-ubyte")
-DEFAULT_ROOT = "data"  # where a download goes when no --data-path is given (options.py's default too)
+DEFAULT_ROOT = "data"  # where a download goes when no --data-path is given (runtime/options.py's default too)
 
 
 class FashionMNIST(torch.utils.data.Dataset):
@@ -217,7 +218,7 @@ def fashion_mnist_root(root, download: bool) -> str:
     An asked folder is never silently replaced by another. Otherwise one DataError line that
     gives both ways to get the data.
     """
-    if root == FASHION_MNIST_DEB:  # options.py's default --data-path when the package is installed
+    if root == FASHION_MNIST_DEB:  # runtime/options.py's default --data-path when the package is installed
         root = None
     for folder in ([root] if root else [FASHION_MNIST_DEB, DEFAULT_ROOT]):
         if all(FashionMNIST.find(folder, name) for name in FASHION_MNIST_FILES):
@@ -240,7 +241,7 @@ def download_fashion_mnist(root: str) -> str:
     raw = os.path.join(root, "FashionMNIST", "raw")
     made = [d for d in (raw, os.path.dirname(raw), root) if not os.path.exists(d)]  # innermost first
     try:
-        datasets.FashionMNIST(root, train=True, download=True)  # all four files, both splits
+        torchvision.datasets.FashionMNIST(root, train=True, download=True)  # all four files, both splits
         return ""
     except (OSError, RuntimeError, ValueError) as e:  # no network (URLError), a bad download, no room
         for folder in made:
@@ -251,7 +252,7 @@ def download_fashion_mnist(root: str) -> str:
 
 
 def _cifar(name: str, root: str, train: bool, transform, download: bool):
-    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     try:
         return cls(root, train=train, transform=transform, download=False)
     except RuntimeError:  # torchvision: "Dataset not found or corrupted"
@@ -270,7 +271,7 @@ def build_dataset(name: str, root: str, train: bool, transform, download: bool =
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
     if name == "fake":  # deterministic per index; a different offset keeps the splits apart
-        return datasets.FakeData(fake_size if train else max(fake_size // 4, 1),
+        return torchvision.datasets.FakeData(fake_size if train else max(fake_size // 4, 1),
                                  (3, image_size, image_size), 10, transform,
                                  random_offset=0 if train else 10**6)
     if name == "fashion-mnist":
@@ -283,7 +284,7 @@ def build_dataset(name: str, root: str, train: bool, transform, download: bool =
                         f"{root}/val (one sub-folder per class); {folder!r} does not exist")
     check_same_classes(root)
     try:
-        return datasets.ImageFolder(folder, transform)
+        return torchvision.datasets.ImageFolder(folder, transform)
     except FileNotFoundError as e:  # no class folders, or no image in them
         raise DataError(f"{folder} holds no images in class sub-folders ({_flat(e)})") from None
 

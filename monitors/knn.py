@@ -48,9 +48,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import closing_workers, ignore_stop_signals
-from distributed import all_gather, all_reduce_sum, world_size as process_count
-from progress import show_bars
+from images.datasets import closing_workers, ignore_stop_signals
+from runtime.distributed import all_gather, all_reduce_sum, world_size as process_count
+from runtime.progress import show_bars
 
 STOP_CHECK_EVERY = 10  # batches between the collectives that agree on stopping (SIGTERM, Ctrl-C)
 VOTE_ELEMENTS = 2 ** 24  # one-hot votes (rows x k x C floats) materialised at once: 64 MB

@@ -7,14 +7,14 @@ with its default and where the default comes from (MoCo v3, the released SNCLR r
 import argparse
 import os
 
-import cli
-from checkpoint import ConfigError
-from cli import nonneg_float, nonneg_int, positive_float, positive_int
-from data import DATASETS, FASHION_MNIST_DEB, IMAGE_SIZE, debian_fashion_mnist
-from loaders import AUGMENT_DEVICES
+from runtime import cli
+from runtime.checkpoint import ConfigError
+from runtime.cli import nonneg_float, nonneg_int, positive_float, positive_int
+from images.datasets import DATASETS, FASHION_MNIST_DEB, IMAGE_SIZE, debian_fashion_mnist
+from images.loaders import AUGMENT_DEVICES
 from loss import FORMS
 from model import ARCHS, STEMS, VITS
-from positiveness import MODES
+from positiveness import RULES, Option, check_options, option_names
 
 # Recipes that differ between ResNets (MoCo v3, LARS) and ViTs (MoCo v3 / released SNCLR, AdamW);
 # crop_min from MoCo v3's CONFIG.md (0.2 in its ResNet-50 commands, 0.08 for ViTs).
@@ -28,8 +28,9 @@ KNN_SUBSETS = {"imagenet": (100_000, 10_000)}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = cli.Parser("train.py", description="SNCLR pretraining: `torchrun --nproc_per_node=G train.py --arch resnet50 --data-path DIR` "
-                   "(or `python train.py ...` in one process); docs/running.md has the recipes")
+    p = cli.Parser("train.py", description="SNCLR pretraining: `torchrun --nproc_per_node=G train.py --arch "
+                   "resnet50 --data-path DIR` (or `python train.py ...` in one process); docs/running.md has "
+                   "the recipes")
     a = p.add_argument
     # model
     a("--arch", default="resnet50", choices=ARCHS, help="encoder f; the paper uses resnet50, vit_small, vit_base")
@@ -44,12 +45,11 @@ def get_args_parser() -> argparse.ArgumentParser:
       "ablation finds 30 best; 0 gives the MoCo v3 / InfoNCE baseline")
     a("--queue-size", type=positive_int, default=65536, help="memory queue C; 'relatively large' in the "
       "paper, 128000 in the released ViT-S run; must hold at least one global batch")
-    a("--positiveness", default="cosine", choices=MODES, help="Eq. 4: cosine = released code, "
-      "attention = paper text, hard / none = ablations")
-    a("--positiveness-t", type=positive_float, default=1.0, help="cosine positiveness temperature t: "
-      "w = softmax(cos / t); 1 is the released code, smaller is sharper")
-    a("--learn-gamma", action="store_true", help="attention positiveness: learn the paper's scaling "
-      "factor gamma (log-parameterised, starts at 1; logged as 'gamma')")
+    a("--positiveness", default="cosine", choices=list(RULES), help="Eq. 4 (positiveness.py): " +
+      "; ".join(f"{name} = {rule.help}" for name, rule in RULES.items()))
+    for rule_name, rule in RULES.items():  # each rule's hyperparameters, declared beside the rule
+        for name, option in rule.options.items():
+            add_rule_option(p, rule_name, name, option)
     a("--loss-form", default="code", choices=FORMS, help="Eq. 2: code = soft-target cross-entropy "
       "(released), paper = log of the weighted sum (as printed)")
     a("--threshold", action="store_true", help="released code's option: zero the w below 1/K")
@@ -88,7 +88,7 @@ def get_args_parser() -> argparse.ArgumentParser:
       "for ResNets, 0.08 for ViTs (MoCo v3)")
     a("--augment-device", default="auto", choices=AUGMENT_DEVICES, help="where the augmentations run: "
       "workers = PIL in DataLoader workers (the readable reference), cpu / cuda = batched on that device "
-      "(augment.py; small data sets then live on the device); auto = cuda when training on CUDA, else workers")
+      "(images/augment.py; small data sets then live on the device); auto = cuda when training on CUDA, else workers")
     a("--subset", type=nonneg_int, default=0, help="train on a fixed random subset of this many images (0 = all)")
     a("--fake-size", type=positive_int, default=512, help="images in --dataset fake")
     a("--workers", type=nonneg_int, default=8, help="data-loading processes per rank")
@@ -114,6 +114,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--stop-after-epoch", type=nonneg_int, default=0, help="end this launch once this epoch is done, the "
       "schedules still spanning --epochs (for time-limited jobs); rerun to continue (0 = never)")
     return p
+
+
+def add_rule_option(p, rule: str, name: str, option: Option) -> None:
+    """A positiveness rule's hyperparameter as a flag: on/off for a bool default, else a finite
+    number > 0."""
+    flag, text = "--" + name.replace("_", "-"), f"--positiveness {rule}: {option.help}"
+    if isinstance(option.default, bool):
+        p.add_argument(flag, action="store_true", default=option.default, help=text)
+    else:
+        p.add_argument(flag, type=positive_float, default=option.default, help=text)
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -156,10 +166,10 @@ def check_args(args, env) -> None:
     if args.compile_mode == "reduce-overhead" and env.world_size > 1:
         raise ConfigError(f"--compile-mode reduce-overhead is for one process, not {env.world_size}; use "
                           f"--compile-mode default")
-    if args.positiveness_t != 1.0 and args.positiveness != "cosine":
-        raise ConfigError(f"--positiveness-t applies to --positiveness cosine, not {args.positiveness}")
-    if args.learn_gamma and args.positiveness != "attention":
-        raise ConfigError(f"--learn-gamma applies to --positiveness attention, not {args.positiveness}")
+    try:  # positiveness.py states which rule takes which option
+        check_options(args.positiveness, {name: getattr(args, name) for name in option_names()})
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     wanted = args.augment_device
     if wanted in ("cpu", "cuda") and wanted != env.device.type:
         raise ConfigError(f"--augment-device {wanted} must be the training device ({env.device.type}); use "

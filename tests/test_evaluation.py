@@ -1,4 +1,4 @@
-"""eval_linear.py, visualize.py, bench.py and ablations.py on tiny checkpoints and data."""
+"""eval_linear.py, tools/visualize.py, tools/bench.py and tools/ablations.py on tiny checkpoints and data."""
 import json
 import math
 import pathlib
@@ -7,7 +7,7 @@ import shlex
 import pytest
 import torch
 
-import distributed
+from runtime import distributed
 from model import build_backbone
 from conftest import run_cli, fails_in_process, fake_checkpoint
 
@@ -171,7 +171,7 @@ def test_eval_errors_are_printed_by_rank_0_only(smoke_run, monkeypatch, capsys):
 
 def test_eval_data_path_of_an_older_checkpoint(tmp_path):
     import eval_linear
-    from checkpoint import ConfigError
+    from runtime.checkpoint import ConfigError
     ckpt = str(tmp_path / "runs" / "checkpoint.pth")
     old = {"dataset": "cifar10", "data_path": "data"}
     with pytest.raises(ConfigError, match="relative data path 'data'.*give --data-path"):
@@ -182,10 +182,10 @@ def test_eval_data_path_of_an_older_checkpoint(tmp_path):
     assert eval_linear.checkpoint_data_path(ckpt, {"dataset": "cifar10", "data_path": "/abs"}) == "/abs"
 
 
-# ------------------------------------------------------------- visualize.py ---
+# ------------------------------------------------------------- tools/visualize.py ---
 def test_visualize_calibration_on_smoke_checkpoint(smoke_run, tmp_path, capsys):
     from PIL import Image
-    import visualize
+    from tools import visualize
     out = tmp_path / "calibration.png"
     visualize.main(["calibration", str(smoke_run / "checkpoint.pth"), "--out", str(out), "--workers", "0"])
     line = capsys.readouterr().out
@@ -195,8 +195,8 @@ def test_visualize_calibration_on_smoke_checkpoint(smoke_run, tmp_path, capsys):
 
 
 def test_visualize_calibration_figures():
-    import visualize
-    from neighbor_monitor import auroc
+    from tools import visualize
+    from monitors.neighbor_quality import auroc
     w = torch.tensor([[0.5, 0.3, 0.2], [0.6, 0.3, 0.3]])
     same = torch.tensor([[True, False, False], [True, True, False]])
     f = visualize.calibration_figures(w, same)
@@ -209,7 +209,7 @@ def test_visualize_calibration_figures():
 
 def test_visualize_neighbors_and_curves_on_smoke_run(smoke_run, tmp_path, capsys):
     from PIL import Image
-    import visualize
+    from tools import visualize
     visualize.main(["neighbors", str(smoke_run / "checkpoint.pth"), "--out", str(tmp_path / "n.png"),
                     "--queries", "3", "--workers", "0"])
     assert "3 queries x 2 neighbors" in capsys.readouterr().out
@@ -219,7 +219,7 @@ def test_visualize_neighbors_and_curves_on_smoke_run(smoke_run, tmp_path, capsys
 
 
 def test_visualize_bad_input_fails_with_one_line(smoke_run, tmp_path, capsys):
-    import visualize
+    from tools import visualize
     ckpt, out = str(smoke_run / "checkpoint.pth"), str(tmp_path / "p.png")
     (tmp_path / "empty.txt").write_text("")
     cases = [(["calibration", str(tmp_path / "none.pth"), "--out", out], 1, "none.pth: no such file"),
@@ -241,14 +241,14 @@ def test_visualize_bad_input_fails_with_one_line(smoke_run, tmp_path, capsys):
     assert not list(tmp_path.glob("p.*"))
 
 
-# ----------------------------------------------------------------- bench.py ---
+# ----------------------------------------------------------------- tools/bench.py ---
 BENCH_TINY = ["--device", "cpu", "--arch", "resnet18", "--image-size", "16", "--batch-size", "8", "--queue-size", "32",
               "-K", "2", "--dim", "16", "--mlp-dim", "32", "--repeats", "1"]
 
 
 def test_bench_data_tiny_prints_json_last(tmp_path):
-    res = run_cli("bench.py", "--data", *BENCH_TINY, "--data-images", "4", "--data-steps", "2", "--data-workers", "0",
-                  "--loader-images", "4", "--out", str(tmp_path))
+    res = run_cli("tools/bench.py", "--data", *BENCH_TINY, "--data-images", "4", "--data-steps", "2",
+                  "--data-workers", "0", "--loader-images", "4", "--out", str(tmp_path))
     assert res.returncode == 0, res.stderr[-3000:]
     last = json.loads(res.stdout.strip().splitlines()[-1])
     for key in ("loader_pairs_per_s_per_worker", "loader_pairs_per_s_per_worker_pil", "augment_ms_per_batch_224",
@@ -260,7 +260,7 @@ def test_bench_data_tiny_prints_json_last(tmp_path):
 
 
 def test_bench_step_channels_last_writes_its_own_file(tmp_path):
-    res = run_cli("bench.py", *BENCH_TINY, "--scaling-queues", "32", "--scaling-k", "2", "--channels-last",
+    res = run_cli("tools/bench.py", *BENCH_TINY, "--scaling-queues", "32", "--scaling-k", "2", "--channels-last",
                   "--out", str(tmp_path))
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads((tmp_path / "bench_cpu_resnet18_channels_last.json").read_text())
@@ -274,7 +274,7 @@ def test_bench_step_channels_last_writes_its_own_file(tmp_path):
     (["--arch", "vit_tiny", "--channels-last"], "--channels-last applies to ResNets"),
 ])
 def test_bench_bad_input_fails_with_one_line(tmp_path, capsys, extra, message):
-    import bench
+    from tools import bench
     with pytest.raises(SystemExit) as exit_:
         bench.main([*extra, "--out", str(tmp_path / "out")])
     assert exit_.value.code != 0
@@ -284,16 +284,16 @@ def test_bench_bad_input_fails_with_one_line(tmp_path, capsys, extra, message):
 
 
 def test_bench_default_out_is_not_the_committed_results():
-    import bench
+    from tools import bench
     parser = bench.get_args_parser()
     out = pathlib.Path(parser.parse_args([]).out)
     assert out.parts[0] == "runs" and "results" not in out.parts   # runs/ is in .gitignore
     assert "--out results" in " ".join(parser.format_help().split())
 
 
-# ------------------------------------------------------------- ablations.py ---
+# ------------------------------------------------------------- tools/ablations.py ---
 def test_ablation_results_of_other_settings_are_refused_not_reused(tmp_path):
-    import ablations
+    from tools import ablations
     args = ablations.get_args_parser().parse_args(["--results", str(tmp_path), "--runs", str(tmp_path / "runs")])
     row = {"variant": "cosine", "seed": 0, "command": shlex.join(ablations.train_command("cosine", 0, args))}
     (tmp_path / "ablation_cosine_s0.json").write_text(json.dumps(row))

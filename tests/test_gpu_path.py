@@ -2,7 +2,7 @@
 (two gloo processes against nn.BatchNorm on the concatenated batch), the loader's device-side
 pieces, the /dev/shm check, the stop agreement, the limited and compiled augmentation;
 and, only where CUDA is present, the training step under torch.cuda.set_sync_debug_mode("error").
-`pytest test_gpu_path.py`."""
+`pytest tests/test_gpu_path.py`."""
 import os
 
 import pytest
@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from batch_norm import GlobalBatchNorm, convert_to_global_batch_norm
+from runtime.batch_norm import GlobalBatchNorm, convert_to_global_batch_norm
 from conftest import free_port
 
 BN_TOL = 1e-6     # float64: every difference here is ~1e-15 rounding
@@ -166,8 +166,8 @@ def test_prefetch_is_sized_from_dev_shm_and_too_little_is_one_error_line(monkeyp
     """shm_prefetch: 2 batches per worker where half of /dev/shm holds them for every local
     rank, 1 where only one fits, and a DataError naming /dev/shm, --shm-size and --ipc=host
     where not even one does (a container's default 64 MB against ImageNet's 154 MB batches)."""
-    from data import DataError
-    from loaders import shm_prefetch, worker_batch_bytes
+    from images.datasets import DataError
+    from images.loaders import shm_prefetch, worker_batch_bytes
     imagenet = worker_batch_bytes(512, 224, batched=True)
     assert imagenet == 512 * (2 * 3 * 224 * 224 + 8)                      # 154 MB per rank-batch
     monkeypatch.setattr(os, "statvfs", lambda path: FakeStatvfs(64 * 2**30))
@@ -191,13 +191,14 @@ def test_prefetch_is_sized_from_dev_shm_and_too_little_is_one_error_line(monkeyp
 
 
 def test_a_worker_bus_error_becomes_one_error_line():
-    from data import DataError
-    from loaders import TrainLoader
+    from images.datasets import DataError
+    from images.loaders import TrainLoader
 
     def dying():
         yield 1
         raise RuntimeError("DataLoader worker (pid 123) is killed by signal: Bus error. It is possible that "
-                           "dataloader's workers are out of shared memory. Please try to raise your shared memory limit.")
+                           "dataloader's workers are out of shared memory. Please try to raise your shared "
+                           "memory limit.")
 
     class Sampler:
         base = range(8)
@@ -207,17 +208,18 @@ def test_a_worker_bus_error_becomes_one_error_line():
 
 def test_cpu_batches_pass_through_side_stream_copies_unchanged():
     """On the CPU SideStreamCopies is .to(device) over a nested batch, and host_to_device a copy."""
-    from loaders import SideStreamCopies, host_to_device
+    from images.loaders import SideStreamCopies, host_to_device
     batches = [((torch.arange(3), torch.ones(2)), torch.zeros(1)) for _ in range(2)]
     out = list(SideStreamCopies(batches, torch.device("cpu")))
-    assert len(out) == 2 and all(torch.equal(a[0][0], b[0][0]) and torch.equal(a[1], b[1]) for a, b in zip(out, batches))
+    assert len(out) == 2
+    assert all(torch.equal(a[0][0], b[0][0]) and torch.equal(a[1], b[1]) for a, b in zip(out, batches))
     assert torch.equal(host_to_device(torch.arange(4), torch.device("cpu")), torch.arange(4))
 
 
 # -------------------------------------------------------------- SIGTERM agreement, gloo ---
 def _stop_worker(rank, port, out_dir):
     import threading
-    import distributed
+    from runtime import distributed
     join_gloo(rank, 2, port)
     event = threading.Event()
     stopper = distributed.StopAgreement(event)
@@ -258,8 +260,8 @@ def nosync_views(path: str, dev, compiled: bool, n: int, size: int, batch: int):
     """The batches train.py's loader yields on CUDA: "resident" (the uint8 set on the device,
     gathered and cropped there) or "loader" (a pinned DataLoader of worker crops, copied on the
     side stream, colour etc. on the device). Returns (iterable, sampler)."""
-    from data import EpochSampler
-    from loaders import DeviceAugmented, EpochItems, ResidentImages
+    from images.datasets import EpochSampler
+    from images.loaders import DeviceAugmented, EpochItems, ResidentImages
     sampler = EpochSampler(torch.utils.data.DistributedSampler(range(n), 1, 0, seed=0, drop_last=True))
     ms = ((0.5,) * 3, (0.25,) * 3)
     if path == "resident":
@@ -285,15 +287,15 @@ def test_the_training_step_train_py_runs_never_waits_for_the_gpu(compiled):
     GlobalBatchNorm (its all-reduce path), LARS and AdamW as train.py builds them, with and
     without torch.compile of the backbones (and of the augmentation), then Progress.add and
     NeighborQuality.update."""
-    import augment
-    import distributed
-    import options
+    from images import augment
+    from runtime import distributed
+    from runtime import options
     import train
-    from batch_norm import convert_to_global_batch_norm
-    from lars import LARS, param_groups
+    from runtime.batch_norm import convert_to_global_batch_norm
+    from runtime.lars import LARS, param_groups
     from model import SNCLR
-    from neighbor_monitor import NeighborQuality
-    from progress import Progress
+    from monitors.neighbor_quality import NeighborQuality
+    from runtime.progress import Progress
     dev = torch.device("cuda", torch.cuda.current_device())
     torch.distributed.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                                          world_size=1, device_id=dev)
@@ -351,7 +353,7 @@ def binomial_tail(B, p, m):
 
 
 def test_blur_capacity_is_the_smallest_count_with_a_tail_below_1e_9():
-    from augment import blur_capacity
+    from images.augment import blur_capacity
     for B in (16, 64, 256, 1024):
         m = blur_capacity(B, 0.1)
         assert m < B and binomial_tail(B, 0.1, m) < 1e-9 <= binomial_tail(B, 0.1, m - 1), B
@@ -361,7 +363,7 @@ def test_blur_capacity_is_the_smallest_count_with_a_tail_below_1e_9():
 def test_blur_some_blurs_exactly_the_due_images_within_capacity():
     """With at most `capacity` images due, blur_some = the whole-batch blur kept where due; with
     more, the first `capacity` due (batch order) are blurred and the others stay sharp."""
-    from augment import blur_some, gaussian_blur
+    from images.augment import blur_some, gaussian_blur
     g = torch.Generator().manual_seed(2)
     x, sigma = torch.rand(10, 3, 70, 70, generator=g), 0.1 + 1.9 * torch.rand(10, generator=g)
     full = gaussian_blur(x, 7, sigma)
@@ -378,7 +380,7 @@ def test_blur_some_blurs_exactly_the_due_images_within_capacity():
 def test_compiled_augmentation_equals_eager():
     """two_views(compiled=True) applies the same parameters as eager mode (same generator
     draws), to float32 rounding; one-channel 28 px crops (the Fashion-MNIST resident path)."""
-    import augment
+    from images import augment
     images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     ms = ((0.3,) * 3, (0.35,) * 3)
     eager = augment.two_views(images, 28, 0.2, *ms, torch.Generator().manual_seed(4))

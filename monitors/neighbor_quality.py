@@ -19,7 +19,7 @@ scale. Everything accumulates on the device and is read once, at the epoch's end
 """
 import torch
 
-import distributed
+from runtime import distributed
 
 # The sums kept on the device per epoch (see `NeighborQuality.update`); rows and pairs are
 # counted on the host (their shapes are known there, and a host number copied to the GPU would

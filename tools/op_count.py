@@ -1,5 +1,5 @@
 """How many aten operators a function runs, and how many bytes they touch: the launch budget of
-a GPU step, counted on any device (bench.py --count-ops prints it).
+a GPU step, counted on any device (tools/bench.py --count-ops prints it).
 
 On a GPU each non-view aten operator is (at least) one kernel launch, a few microseconds of host
 time each; when a step's operators outnumber what the GPU can absorb in that time, the step is

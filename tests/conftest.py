@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from model import SNCLR
 
 
-HERE = pathlib.Path(__file__).resolve().parent
+ROOT = pathlib.Path(__file__).resolve().parent.parent  # the repository root
 
 
 TINY = dict(image_size=16, dim=16, mlp_dim=32)  # small enough for a 2-core CPU
@@ -35,10 +35,24 @@ SMOKE = ["--dataset", "fake", "--arch", "resnet18", "--image-size", "16", "--fak
          "--workers", "0", "--optimizer", "sgd", "--lr", "0.1", "--warmup-epochs", "0", "--device", "cpu"]
 
 
-def run_cli(script, *args, cwd=HERE, timeout=600):
+def script_command(script):
+    """How a user starts one of the project's scripts: `python train.py` for the root's,
+    `python -m tools.bench` (with the repository on PYTHONPATH) for a tool's."""
+    if script.startswith("tools/"):
+        return [sys.executable, "-m", script[:-3].replace("/", ".")]
+    return [sys.executable, str(ROOT / script)]
+
+
+def script_env():
+    """This environment with the repository on PYTHONPATH, so `python -m tools.X` runs from any folder."""
+    import os
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def run_cli(script, *args, cwd=ROOT, timeout=600):
     """One of the project's scripts as a real process; its CompletedProcess (text)."""
-    return subprocess.run([sys.executable, str(HERE / script), *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout)
+    return subprocess.run([*script_command(script), *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout, env=script_env())
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
 """Pictures of a run: soft neighbors with their positiveness, the calibration of w, and the
 training curves.
 
-    python visualize.py neighbors runs/long/checkpoint.pth --out neighbors.png
-    python visualize.py calibration runs/long/checkpoint.pth --out calibration.png
-    python visualize.py curves runs/long/log.txt --out curves.png
+    python -m tools.visualize neighbors runs/long/checkpoint.pth --out neighbors.png
+    python -m tools.visualize calibration runs/long/checkpoint.pth --out calibration.png
+    python -m tools.visualize curves runs/long/log.txt --out curves.png
 
 `neighbors` and `calibration` encode a fixed subset of training images (the bank) with the
 momentum branch (k = g'(f'(x)), the keys SNCLR enqueues), find each test query's K nearest
@@ -23,14 +23,15 @@ import os
 import torch
 from PIL import Image, ImageDraw
 
-import cli
-from checkpoint import ConfigError, checkpoint_data_path, load_checkpoint, load_state, read_log
-from cli import nonneg_int, positive_int
-from data import (IMAGENET_MEAN_STD, MEAN_STD, DataError, SkipUnreadable, build_dataset, closing_workers,
+from runtime import cli
+from runtime.checkpoint import ConfigError, checkpoint_data_path, load_checkpoint, load_state, read_log
+from runtime.cli import nonneg_int, positive_int
+from images.datasets import (IMAGENET_MEAN_STD, MEAN_STD, DataError, SkipUnreadable, build_dataset, closing_workers,
                   eval_transform, fixed_subset)
 from memory_queue import MemoryQueue
 from model import SNCLR, build_model
-from neighbor_monitor import auroc
+from positiveness import RULES
+from monitors.neighbor_quality import auroc
 
 GREEN, RED, GREY, BLACK, WHITE = (30, 150, 60), (200, 40, 40), (150, 150, 150), (0, 0, 0), (255, 255, 255)
 BLUE, ORANGE = (40, 90, 200), (200, 90, 40)
@@ -131,10 +132,14 @@ def encode(model: SNCLR, dataset, batch_size: int, workers: int, device, online:
 
 
 def positiveness_name(a: dict) -> str:
-    """The run's positiveness rule as the pictures name it, e.g. "cosine, t = 0.1"."""
-    if a.get("positiveness_t", 1.0) != 1.0:
-        return f"{a['positiveness']}, t = {a['positiveness_t']:g}"
-    return a["positiveness"] + (", learned gamma" if a.get("learn_gamma") else "")
+    """The run's positiveness rule as the pictures name it, with the options it changed:
+    "cosine, t = 0.1", "attention, learn gamma"."""
+    words = [a["positiveness"]]
+    for name, option in RULES[a["positiveness"]].options.items():
+        value, short = a.get(name, option.default), name.removeprefix("positiveness_")
+        if value != option.default:
+            words.append(short.replace("_", " ") if isinstance(value, bool) else f"{short} = {value:g}")
+    return ", ".join(words)
 
 
 @torch.no_grad()
@@ -387,7 +392,7 @@ def add_encoding_options(p) -> None:
 
 
 def get_args_parser() -> cli.Parser:
-    p = cli.Parser("visualize.py", description=__doc__.split("\n\n")[0])
+    p = cli.Parser("python -m tools.visualize", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True, metavar="COMMAND", parser_class=cli.Parser)
     n = sub.add_parser("neighbors", help="query images and their soft neighbors with w",
                        description="Rows of a test image and its K nearest bank images (Eq. 3), w (Eq. 4) "

@@ -9,8 +9,8 @@ the statistics of the global batch of N = R * n values per channel are
 so one all-reduce of the (2C,) tensor [S1_local, S2_local] gives every rank the global mean
 and variance. Every rank must hold the same local batch (options.check_args checks that
 --batch-size divides by the world size, and the loaders drop the last partial batch): N is
-then R * n, a number known without asking the other ranks. This is the design of detectron2's NaiveSyncBatchNorm, written
-anew here.
+then R * n, a number known without asking the other ranks. This is the design of detectron2's
+NaiveSyncBatchNorm, written anew here.
 
 Why not nn.SyncBatchNorm: its forward drops the statistics of empty inputs with a boolean mask
 (`count_all[mask]` in torch/nn/modules/_functions.py), which waits for the GPU at every layer,
@@ -81,7 +81,8 @@ class GlobalBatchNorm(_BatchNorm):
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
-            raise ValueError(f"GlobalBatchNorm expects input (n, C, *) of at least 2 dimensions, got shape {tuple(x.shape)}")
+            raise ValueError(f"GlobalBatchNorm expects input (n, C, *) of at least 2 dimensions, "
+                             f"got shape {tuple(x.shape)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)

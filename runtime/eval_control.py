@@ -1,4 +1,4 @@
-"""What keeps an evaluation safe, kept out of eval_linear.py's way (as run_control.py is for
+"""What keeps an evaluation safe, kept out of eval_linear.py's way (as runtime/run_control.py is for
 train.py): the option checks, the output folder and the --export target checked before any
 work, the rule for resuming an interrupted probe or fine-tuning, the run lock, and the writes
 that rank 0 makes while every rank learns whether they succeeded.
@@ -6,7 +6,7 @@ that rank 0 makes while every rank learns whether they succeeded.
 import json
 import os
 
-from checkpoint import ConfigError, append_json, check_resume, load_checkpoint, save_checkpoint
+from runtime.checkpoint import ConfigError, append_json, check_resume, load_checkpoint, save_checkpoint
 
 
 def mode_of(args) -> str:

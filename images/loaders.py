@@ -1,8 +1,8 @@
 """How image pairs reach the training step: three paths behind one interface (--augment-device).
 
-  workers     DataLoader workers run data.py's PIL transforms: the readable reference of the
+  workers     DataLoader workers run images/datasets.py's PIL transforms: the readable reference of the
               augmentations, and the default when training on the CPU.
-  cuda / cpu  the same augmentations batched on that device (augment.py):
+  cuda / cpu  the same augmentations batched on that device (images/augment.py):
               - small in-memory data sets (fashion-mnist, cifar10/100, fake): the whole uint8
                 training set lives on the device; no worker processes; each step gathers its
                 images there and makes both views there;
@@ -27,11 +27,11 @@ import os
 import numpy as np
 import torch
 
-import augment
-from distributed import agree, on_main
-from data import (IMAGENET_MEAN_STD, MEAN_STD, NUM_CLASSES, CropToUint8, DataError, EpochSampler, FashionMNIST,
-                  SkipUnreadable, TwoViews, build_dataset, eval_transform, fixed_subset, ignore_stop_signals,
-                  two_view_transforms)
+from images import augment
+from runtime.distributed import agree, on_main
+from images.datasets import (IMAGENET_MEAN_STD, MEAN_STD, NUM_CLASSES, CropToUint8, DataError, EpochSampler,
+                             FashionMNIST, SkipUnreadable, TwoViews, build_dataset, eval_transform,
+                             fixed_subset, ignore_stop_signals, two_view_transforms)
 
 RESIDENT = ("fashion-mnist", "cifar10", "cifar100", "fake")  # held on the device by the batched path
 AUGMENT_DEVICES = ("auto", "workers", "cpu", "cuda")

@@ -175,11 +175,14 @@ def weights_digest(state: dict) -> str:
 
 
 def load_state(module, state: dict, what: str) -> None:
-    """Strict load_state_dict whose failure is a one-line ConfigError."""
+    """Strict load_state_dict whose failure is a one-line ConfigError naming what does not fit
+    (torch's first line says only that something failed; the next ones name the keys)."""
     try:
         module.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError) as e:
-        raise ConfigError(f"{what} does not fit: {str(e).splitlines()[0]}") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = "; ".join(lines[1:]) or lines[0] if lines else type(e).__name__
+        raise ConfigError(f"{what} does not fit: {detail[:400]}") from None
 
 
 # Options a resumed run may change freely: they only affect output, monitoring, speed, where

@@ -1,4 +1,4 @@
-"""Command-line conventions shared by train.py, eval_linear.py, visualize.py and bench.py.
+"""Command-line conventions shared by train.py, eval_linear.py, tools/visualize.py and tools/bench.py.
 
 - `--help` shows each default (or, for options whose default depends on the arch or dataset,
   says so in words);

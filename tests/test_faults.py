@@ -1,7 +1,7 @@
 """Faults a careless user or an unlucky machine brings, outside train.py: each is
 reproduced as a real process where a process is what fails (a hang, a traceback, a lost file),
 with a timeout, and checked to end with one `error:` line and nothing written.
-`pytest test_faults.py`."""
+`pytest tests/test_faults.py`."""
 import errno
 import gzip
 import json
@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HERE, fails_in_process, fake_checkpoint, jpeg_folder, snapshot
+from conftest import ROOT, fails_in_process, fake_checkpoint, jpeg_folder, snapshot
 from conftest import run_cli as run_script
 
 HANG = 120  # seconds: a process that has printed its error and not exited by then hangs
 
 
-def run_cli(script, *args, cwd=HERE, timeout=HANG):
+def run_cli(script, *args, cwd=ROOT, timeout=HANG):
     return run_script(script, *args, cwd=cwd, timeout=timeout)
 
 
@@ -105,8 +105,8 @@ def test_a_probe_refuses_a_backbone_rewritten_since_it_began(tmp_path):
 def test_a_second_evaluation_into_a_held_folder_is_refused(tmp_path):
     ckpt, out = fake_checkpoint(tmp_path / "c.pth"), tmp_path / "out"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {str(HERE)!r}); "
-                               f"from checkpoint import RunLock; lock = RunLock({str(out)!r}, 'evaluation'); "
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); "
+                               f"from runtime.checkpoint import RunLock; lock = RunLock({str(out)!r}, 'evaluation'); "
                                f"print(1, flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "1"
@@ -145,8 +145,8 @@ class FillsUp:
 
 
 def disk_with_room(monkeypatch, room: int, suffix: str = "") -> None:
-    """checkpoint.py's binary writes to files whose name ends with suffix fail after room bytes."""
-    import checkpoint
+    """runtime/checkpoint.py's binary writes to files whose name ends with suffix fail after room bytes."""
+    from runtime import checkpoint
 
     def fake_open(path, mode="r", *args, **kwargs):
         f = open(path, mode, *args, **kwargs)
@@ -157,7 +157,7 @@ def disk_with_room(monkeypatch, room: int, suffix: str = "") -> None:
 def test_a_disk_that_fills_mid_save_gives_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch):
     """torch.save's own writer reports the file's ENOSPC as "[enforce fail at inline_container.cc]
     unexpected pos": recognised as a full disk, with the room the save needs."""
-    from checkpoint import ConfigError, save_checkpoint, write_json
+    from runtime.checkpoint import ConfigError, save_checkpoint, write_json
     path = tmp_path / "checkpoint.pth"
     save_checkpoint(str(path), {"x": torch.zeros(10)})
     previous = path.read_bytes()
@@ -224,7 +224,7 @@ def test_a_real_small_disk_fills_mid_export_with_one_line(tmp_path, small_disk):
 
 
 def test_a_full_disk_at_the_lock_json_and_log_leaves_no_file(small_disk):
-    from checkpoint import ConfigError, RunLock, append_json, write_json
+    from runtime.checkpoint import ConfigError, RunLock, append_json, write_json
     append_json(str(small_disk / "log.txt"), {"epoch": 1})
     kept = (small_disk / "log.txt").read_bytes()
     fill(small_disk)
@@ -260,7 +260,7 @@ def test_a_validation_folder_without_a_training_class_is_refused(tmp_path):
     (np.zeros(5 * 28 * 28), np.arange(5), "train-images-idx3-ubyte holds an array of shape (3920,)"),
 ])
 def test_inconsistent_fashion_mnist_files_are_named(tmp_path, images, labels, message):
-    from data import DataError, FashionMNIST
+    from images.datasets import DataError, FashionMNIST
     root = fashion_files(tmp_path / "f", images=images, labels=labels)
     with pytest.raises(DataError, match=r"^" + str(root).replace("/", r"\/") + "/" + message.replace("(", r"\(")
                        .replace(")", r"\)")):
@@ -285,7 +285,7 @@ def test_export_to_an_empty_name_is_an_error_not_a_probe(tmp_path):
 
 
 def test_ablations_refuse_a_partial_run_of_another_budget(tmp_path, capsys):
-    import ablations
+    from tools import ablations
     (tmp_path / "runs" / "cosine_s0").mkdir(parents=True)
     (tmp_path / "runs" / "cosine_s0" / "args.json").write_text(json.dumps({"epochs": 5}))
     saved = snapshot(tmp_path)
@@ -300,7 +300,7 @@ def test_ablations_refuse_a_partial_run_of_another_budget(tmp_path, capsys):
 # -------------------------------------------------------- one line, not a traceback ---
 def test_non_square_folder_images_at_small_sizes_evaluate(tmp_path):
     from PIL import Image
-    from data import eval_transform
+    from images.datasets import eval_transform
     for train in (False, True):
         assert eval_transform("folder", 16, train)(Image.new("RGB", (30, 20))).shape == (3, 16, 16)
     data = jpeg_folder(tmp_path / "data", size=(30, 20))
@@ -311,7 +311,7 @@ def test_non_square_folder_images_at_small_sizes_evaluate(tmp_path):
 
 def test_a_decompression_bomb_is_skipped_and_counted_or_named(tmp_path, monkeypatch):
     from PIL import Image
-    from data import DataError, SkipUnreadable, build_dataset
+    from images.datasets import DataError, SkipUnreadable, build_dataset
     data = jpeg_folder(tmp_path / "data")
     Image.new("1", (40, 40)).save(data / "train" / "a" / "bomb.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)          # 1600 pixels: over twice the limit
@@ -339,22 +339,22 @@ def test_a_real_decompression_bomb_in_the_training_set_is_skipped(tmp_path):
 def test_bench_checks_its_output_folder_before_the_benchmark(tmp_path, out, message):
     (tmp_path / "a_file").write_text("")
     out, message = (s.replace("FILE", str(tmp_path / "a_file")) for s in (out, message))
-    res = run_cli("bench.py", "--out", out, "--device", "cpu", timeout=60)   # the benchmark would take minutes
+    res = run_cli("tools/bench.py", "--out", out, "--device", "cpu", timeout=60)   # the benchmark would take minutes
     assert message in one_error_line(res, status=2)
     assert not os.path.exists(out) and (tmp_path / "a_file").read_text() == ""
 
 
 def test_ablations_from_another_folder_end_with_the_error_line_of_train(tmp_path):
-    res = run_cli("ablations.py", "--epochs", "1", "--seeds", "0", "--only", "cosine", "--device", "cpu",
+    res = run_cli("tools/ablations.py", "--epochs", "1", "--seeds", "0", "--only", "cosine", "--device", "cpu",
                   "--train-args", "--batch-size 0", cwd=tmp_path)
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert res.stderr.strip().splitlines()[-1].startswith("error: argument --batch-size: must be a finite number > 0")
-    assert f"{HERE}/train.py" in res.stdout and not (tmp_path / "results" / "ablation_cosine_s0.json").exists()
+    assert f"{ROOT}/train.py" in res.stdout and not (tmp_path / "results" / "ablation_cosine_s0.json").exists()
 
 
 # ---------------------------------------------------------- the words of two messages ---
 def test_random_bytes_are_not_a_checkpoint(tmp_path):
-    from checkpoint import ConfigError, load_checkpoint
+    from runtime.checkpoint import ConfigError, load_checkpoint
     g = np.random.default_rng(0)
     for i in range(200):  # some random bytes read as pickle opcodes that the safe loader refuses
         (tmp_path / "r.pth").write_bytes(bytes([0x80, 2]) * (i % 2) + g.bytes(300))
@@ -376,9 +376,9 @@ def test_fashion_mnist_from_the_asked_folder_debian_or_a_download(tmp_path, monk
     """Never a real download: torchvision's class is replaced by one that writes the files
     where torchvision would (ROOT/FashionMNIST/raw), or fails as without a network."""
     import urllib.error
-    import data
+    from images import datasets
     debian = tmp_path / "debian"
-    monkeypatch.setattr(data, "FASHION_MNIST_DEB", str(debian))
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DEB", str(debian))
 
     class Downloads:
         def __init__(self, root, train, download):
@@ -389,25 +389,26 @@ def test_fashion_mnist_from_the_asked_folder_debian_or_a_download(tmp_path, monk
             (pathlib.Path(root) / "FashionMNIST" / "raw").mkdir(parents=True)
             raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried http://mirror/, got:\n"
                                "<urlopen error [Errno -3] Temporary failure in name resolution>")
-    monkeypatch.setattr(data.datasets, "FashionMNIST", NoNetwork)
+    monkeypatch.setattr(datasets.torchvision.datasets, "FashionMNIST", NoNetwork)
     monkeypatch.chdir(tmp_path)                                    # DEFAULT_ROOT ("data") is relative
-    with pytest.raises(data.DataError, match=f"no Fashion-MNIST in {debian} nor under 'data'"):
-        data.fashion_mnist_root(None, True)
+    with pytest.raises(datasets.DataError, match=f"no Fashion-MNIST in {debian} nor under 'data'"):
+        datasets.fashion_mnist_root(None, True)
     assert not (tmp_path / "data").exists()
     asked = tmp_path / "asked"
     for download in (False, True):
-        with pytest.raises(data.DataError) as error:
-            data.fashion_mnist_root(str(asked), download)
+        with pytest.raises(datasets.DataError) as error:
+            datasets.fashion_mnist_root(str(asked), download)
         assert "install Debian's package dataset-fashion-mnist" in str(error.value)
         assert f"where a network exists to download it into {asked}" in str(error.value)
         assert ("downloading it failed (<urlopen error [Errno -3]" in str(error.value)) == download
         assert not asked.exists()                                  # the download's empty folders removed
-    monkeypatch.setattr(data.datasets, "FashionMNIST", Downloads)
-    assert data.fashion_mnist_root(str(asked), True) == str(asked)
-    assert len(data.build_dataset("fashion-mnist", str(asked), True, None, download=False)) == 5
+    monkeypatch.setattr(datasets.torchvision.datasets, "FashionMNIST", Downloads)
+    assert datasets.fashion_mnist_root(str(asked), True) == str(asked)
+    assert len(datasets.build_dataset("fashion-mnist", str(asked), True, None, download=False)) == 5
     fashion_files(debian, n=7)
-    assert data.fashion_mnist_root(None, False) == str(debian)     # no --data-path: Debian's folder
-    assert data.fashion_mnist_root(str(debian), False) == str(debian)
-    assert len(data.build_dataset("fashion-mnist", None, False, None, download=False)) == 7
-    monkeypatch.setattr(data.datasets, "FashionMNIST", urllib.error.URLError)  # never called: found first
-    assert data.fashion_mnist_root(str(asked), True) == str(asked)
+    assert datasets.fashion_mnist_root(None, False) == str(debian)     # no --data-path: Debian's folder
+    assert datasets.fashion_mnist_root(str(debian), False) == str(debian)
+    assert len(datasets.build_dataset("fashion-mnist", None, False, None, download=False)) == 7
+    # never called: the files are found first
+    monkeypatch.setattr(datasets.torchvision.datasets, "FashionMNIST", urllib.error.URLError)
+    assert datasets.fashion_mnist_root(str(asked), True) == str(asked)

@@ -2,7 +2,7 @@
 sharper cosine (a temperature) / attention / attention with a learned scale / hard / none, loss
 form code / paper, and K in {1, 5, 30}, several seeds each, beside the untrained encoder of each
 seed. Besides kNN and linear top-1, each row reports what the soft neighbors did in the last
-epoch (neighbor_monitor.py): the share of neighbors of the query's class (nn_agree), the share
+epoch (monitors/neighbor_quality.py): the share of neighbors of the query's class (nn_agree), the share
 of w that lands on them (w_agree) and the AUROC of w for telling them from other-class ones.
 
 Every run is a plain `train.py` command (printed before it starts) followed by an
@@ -12,10 +12,10 @@ are skipped, so the sweep resumes), and RESULTS/ablations.json plus a Markdown t
 mean and spread over seeds. Budget, device and dataset are options, so the same sweep runs on
 CIFAR or on a GPU:
 
-    python ablations.py --epochs 2 --seeds 0 1 2                      # the CPU sweep in docs/results.md
-    python ablations.py --device cuda --epochs 100 --seeds 0 --jobs 4 \\
+    python -m tools.ablations --epochs 2 --seeds 0 1 2                      # the CPU sweep in docs/results.md
+    python -m tools.ablations --device cuda --epochs 100 --seeds 0 --jobs 4 \\
         --only infonce cosine cosine-t0.1 attention                    # one GPU, core variants
-    python ablations.py --dataset cifar10 --epochs 200 --device cuda \\
+    python -m tools.ablations --dataset cifar10 --epochs 200 --device cuda \\
         --train-args "--arch resnet18 --batch-size 512 --queue-size 4096 --workers 8"
 """
 import argparse
@@ -28,21 +28,19 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from checkpoint import ConfigError, read_log, write_json
+from positiveness import RULES
+from runtime.checkpoint import ConfigError, read_log, write_json
 
-HERE = os.path.dirname(os.path.abspath(__file__))  # train.py and eval_linear.py, from any folder
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # train.py, eval_linear.py: from any folder
 
 # name -> train.py options on top of the base recipe; "cosine" is the default SNCLR (K = 5).
-# The order is the order of the runs: the core variants first.
+# Every positiveness rule of positiveness.RULES is a variant; the order is the order of the runs.
 VARIANTS = {
     "infonce": ["-K", "0"],
-    "cosine": [],
+    **{rule: [] if rule == "cosine" else ["--positiveness", rule] for rule in RULES},
     "cosine-t0.1": ["--positiveness-t", "0.1"],
-    "attention": ["--positiveness", "attention"],
     "attention-gamma": ["--positiveness", "attention", "--learn-gamma"],
     "cosine-t0.03": ["--positiveness-t", "0.03"],
-    "hard": ["--positiveness", "hard"],
-    "none": ["--positiveness", "none"],
     "paper-form": ["--loss-form", "paper"],
     "K1": ["-K", "1"],
     "K30": ["-K", "30"],
@@ -94,7 +92,7 @@ def run(cmd: list, log_file=None) -> None:
 
 def probe(checkpoint: str, seed: int, args, *extra) -> list:
     """eval_linear.py's cached-feature linear probe (docs/evaluation.md)."""
-    return [sys.executable, os.path.join(HERE, "eval_linear.py"), checkpoint, "--cache-features", "--epochs",
+    return [sys.executable, os.path.join(ROOT, "eval_linear.py"), checkpoint, "--cache-features", "--epochs",
             str(args.probe_epochs), "--batch-size", "256", "--lr", "0.5", "--workers", "1", "--device", args.device,
             "--seed", str(seed), *extra]
 
@@ -106,7 +104,7 @@ QUALITY = ("nn_agree", "nn_top1_agree", "w_agree", "w_same", "w_other", "w_auroc
 def train_command(name: str, seed: int, args) -> list:
     """The train.py command of one variant and seed."""
     out = os.path.join(args.runs, f"{name}_s{seed}")
-    train = [sys.executable, os.path.join(HERE, "train.py"), *shlex.split(args.train_args), *VARIANTS[name],
+    train = [sys.executable, os.path.join(ROOT, "train.py"), *shlex.split(args.train_args), *VARIANTS[name],
              "--dataset", args.dataset, "--epochs", str(args.epochs), "--seed", str(seed),
              "--device", args.device, "--output-dir", out]
     return train + (["--data-path", args.data_path] if args.data_path else [])

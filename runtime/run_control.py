@@ -18,17 +18,18 @@ import threading
 
 import torch
 
-import cli
-import distributed
-from distributed import on_main
-from batch_norm import convert_to_global_batch_norm
-from checkpoint import (ConfigError, append_json, check_output_dir, check_resume, claim_output_dir, load_checkpoint,
-                        load_state, log_changes, new_log, read_log, save_checkpoint, write_json)
-from data import DataError
-from knn import knn_accuracy
-from loaders import build_knn_sets, build_train_loader, prepare_dataset
+from runtime import cli
+from runtime import distributed
+from runtime.distributed import on_main
+from runtime.batch_norm import convert_to_global_batch_norm
+from runtime.checkpoint import (ConfigError, append_json, check_output_dir, check_resume, claim_output_dir,
+                                load_checkpoint, load_state, log_changes, new_log, read_log, save_checkpoint,
+                                write_json)
+from images.datasets import DataError
+from monitors.knn import knn_accuracy
+from images.loaders import build_knn_sets, build_train_loader, prepare_dataset
 from model import RESNETS, build_model
-from options import augment_path, check_args, runtime
+from runtime.options import augment_path, check_args, runtime
 
 SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
 
@@ -190,8 +191,9 @@ class Run:
         """kNN top-1 of the online encoder f (eval mode; training mode is restored); None when a
         signal interrupted it."""
         a, env = self.args, self.env
-        acc = knn_accuracy(self.model.backbone, *self.knn_sets, self.num_classes, max(a.batch_size // env.world_size, 64),
-                           a.workers, env.device, env.rank, env.world_size, a.knn_k, a.knn_t, stop=env.stop)
+        acc = knn_accuracy(self.model.backbone, *self.knn_sets, self.num_classes,
+                           max(a.batch_size // env.world_size, 64), a.workers, env.device, env.rank,
+                           env.world_size, a.knn_k, a.knn_t, stop=env.stop)
         if env.main and acc is not None:
             print(f"kNN top-1 ({tag}): {acc:.2f}%")
         return acc

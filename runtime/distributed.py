@@ -53,11 +53,8 @@ def world_size() -> int:
 
 @torch.no_grad()
 def all_gather(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate x (B, ...) from every rank in rank order -> (R * B, ...), no gradient.
-
-    SNCLR gathers momentum keys and neighbor indices, neither of which carries a gradient
-    (MoCo v3's concat_all_gather). Every rank must pass the same shape.
-    """
+    """x (B, ...) of every rank, concatenated in rank order -> (R B, ...), without gradient: keys
+    and neighbor indices carry none (MoCo v3's concat_all_gather). Same shape on every rank."""
     if world_size() == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(world_size())]

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # The GPU rows of docs/gpu.md's table, measured anew on one GPU in under 8 minutes:
 #
-#   bash bench_gpu.sh                          # from the repository root: one GPU, no network needed
-#   DEVICE=cpu SMOKE=1 bash bench_gpu.sh       # tiny sizes on the CPU: checks the script, not the speed
+#   bash tools/bench_gpu.sh                          # from the repository root: one GPU, no network needed
+#   DEVICE=cpu SMOKE=1 bash tools/bench_gpu.sh       # tiny sizes on the CPU: checks the script, not the speed
 #
 # In order of priority (the budget cuts the last parts first):
-# (0) the check that the step train.py runs never waits for the GPU (test_gpu_path.py, skipped
+# (0) the check that the step train.py runs never waits for the GPU (tests/test_gpu_path.py, skipped
 #     without CUDA);
-# (1) bench.py's SNCLR step with the recipe's optimiser (LARS), resnet50, 224 px, batch 256, bf16:
+# (1) tools/bench.py's SNCLR step with the recipe's optimiser (LARS), resnet50, 224 px, batch 256, bf16:
 #     --channels-last, then --channels-last --compile (the search-scaling part cut to one queue
 #     size and one K; PLAIN=1 adds the step without channels_last, last);
-# (2) bench.py --data: the workers' transform per worker (old PIL path, new crop-only path), the
+# (2) tools/bench.py --data: the workers' transform per worker (old PIL path, new crop-only path), the
 #     batched augmentation at 224 and 32 px, and train.py's loop end to end on synthetic 500x375
 #     JPEGs with 15 workers, --compile and channels_last as train.py uses them;
 # (3) README.md's Fashion-MNIST demo recipe: seconds per epoch (epoch_s in log.txt) with the
@@ -30,7 +30,7 @@
 # FMNIST (the Fashion-MNIST folder: a copy in .data/fashion-mnist, else train.py's download in
 # data/, else Debian's).
 set -uo pipefail
-cd "$(dirname "$0")" || exit 1
+cd "$(dirname "$0")/.." || exit 1  # the repository root: train.py, tests/, python -m tools.bench
 OUT=${OUT:-runs/bench}
 DEVICE=${DEVICE:-cuda}
 SMOKE=${SMOKE:-0}
@@ -134,7 +134,7 @@ def fmt(value, spec=".0f"):
 
 
 d = load(f"{out}/data/bench_data_{dev}.json") or {}
-rows = [("SNCLR step, img/s (bench.py, resnet50, 224 px, batch 256, bf16, LARS; 'before': SGD)", "856", "", step("")),
+rows = [("SNCLR step, img/s (tools/bench.py, resnet50, 224 px, batch 256, bf16, LARS; 'before': SGD)", "856", "", step("")),
         ("  + channels_last", "1548", "", step("_channels_last")),
         ("  + channels_last + torch.compile of both backbones", "2359", ">= 2300", step("_channels_last_compile")),
         ("end to end, img/s (train.py's loop, synthetic JPEGs, 15 workers)", "152", ">= 2000",
@@ -163,7 +163,7 @@ EOF
 }
 
 main() {
-  echo "bench_gpu.sh: DEVICE=$DEVICE SMOKE=$SMOKE OUT=$OUT FMNIST=$FMNIST, budget $BUDGET_S s, $(date -u +%FT%TZ)"
+  echo "tools/bench_gpu.sh: DEVICE=$DEVICE SMOKE=$SMOKE OUT=$OUT FMNIST=$FMNIST, budget $BUDGET_S s, $(date -u +%FT%TZ)"
   "$PY" -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
   if [ "$FM_DATA" = fake ]; then
     echo "Fashion-MNIST is not under $FMNIST: part (3) runs the demo recipe on --dataset fake (28 px) instead; its s/epoch stands in for the demo's"
@@ -172,19 +172,19 @@ main() {
   rm -rf "$OUT/fmnist_batched" "$OUT/fmnist_workers"               # train.py would resume from them
   # (0) the step train.py runs, both data paths, compiled or not: no host-device synchronisation (skipped without CUDA)
   local cut0=$CUT
-  part "(0) no host sync in the training step" 150 "$PY" -m pytest -q -p no:cacheprovider test_gpu_path.py \
+  part "(0) no host sync in the training step" 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_path.py \
     -k never_waits_for_the_gpu
   if ((CUT > cut0)); then CUT=$cut0; FAILED=$((FAILED + 1)); fi   # a check that did not finish has failed
   # (1) the step: about a minute each on the GPU (compiling adds one or two)
-  part "(1) step, channels_last" 90 "$PY" bench.py "${STEP[@]}" --channels-last --out "$OUT/step"
+  part "(1) step, channels_last" 90 "$PY" -m tools.bench "${STEP[@]}" --channels-last --out "$OUT/step"
   if [ "$SMOKE" != 1 ] || [ "$SMOKE_COMPILE" = 1 ]; then
-    part "(1) step, channels_last + compile" 180 "$PY" bench.py "${STEP[@]}" --channels-last --compile --warmup 3 \
+    part "(1) step, channels_last + compile" 180 "$PY" -m tools.bench "${STEP[@]}" --channels-last --compile --warmup 3 \
       --out "$OUT/step"
   else
     echo "== (1) step, channels_last + compile: skipped (SMOKE=1; SMOKE_COMPILE=1 runs it)"
   fi
   # (2) the data paths and the loop end to end (--compile: the kernels of (1) from the shared cache)
-  part "(2) data paths" 200 "$PY" bench.py --data "${DATA[@]}" --out "$OUT/data"
+  part "(2) data paths" 200 "$PY" -m tools.bench --data "${DATA[@]}" --out "$OUT/data"
   # (3) the demo recipe: batched on the device (--augment-device auto is that on CUDA), then PIL workers
   part "(3) $FM_DATA demo recipe, batched on $DEVICE" 90 \
     "$PY" train.py "${FM[@]}" --augment-device "$DEVICE" --output-dir "$OUT/fmnist_batched"
@@ -192,7 +192,7 @@ main() {
     "$PY" train.py "${FM[@]}" --epochs 2 --augment-device workers --workers "$FM_WORKERS" \
     --output-dir "$OUT/fmnist_workers"
   if [ "$PLAIN" = 1 ] || [ "$SMOKE" = 1 ]; then
-    part "(1) step, plain" 90 "$PY" bench.py "${STEP[@]}" --out "$OUT/step"
+    part "(1) step, plain" 90 "$PY" -m tools.bench "${STEP[@]}" --out "$OUT/step"
   fi
   echo "== total $((SECONDS - START)) s; $FAILED check(s) failed, $CUT part(s) timed out or cut by the budget"
   table

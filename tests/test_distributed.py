@@ -6,7 +6,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-import distributed
+from runtime import distributed
 from model import SNCLR
 from conftest import TINY, free_port, _CountingFlatten, _knn_sets
 
@@ -26,9 +26,9 @@ def _two_rank_worker(rank, port, out_dir):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     distributed.init_distributed("cpu")
-    from batch_norm import convert_to_global_batch_norm
-    from distributed import wrap_ddp
-    from neighbor_monitor import NeighborQuality
+    from runtime.batch_norm import convert_to_global_batch_norm
+    from runtime.distributed import wrap_ddp
+    from monitors.neighbor_quality import NeighborQuality
     from train import train_step
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     # (1) one step in training mode, each rank 4 of the 8 pairs, batch norm over the global batch
@@ -74,10 +74,10 @@ def test_two_process_gloo_step_equals_one_process_and_ranks_agree(tmp_path):
         assert torch.allclose(r0["state"][key].float(), r1["state"][key].float(), atol=1e-6), key
 
 
-# ------------------------------------------------------------------- knn.py ---
+# ------------------------------------------------------------------- monitors/knn.py ---
 def _knn_two_rank_worker(rank, port, out_dir):
     import threading
-    from knn import encode_shard, knn_accuracy, sharded_knn_predict
+    from monitors.knn import encode_shard, knn_accuracy, sharded_knn_predict
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -106,7 +106,7 @@ def _knn_two_rank_worker(rank, port, out_dir):
 
 
 def test_knn_sharded_two_process_gloo_equals_single_device(tmp_path):
-    from knn import knn_predict
+    from monitors.knn import knn_predict
     mp.spawn(_knn_two_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"knn{r}.pt", weights_only=True) for r in range(2))
     train_set, test_set = _knn_sets()
@@ -133,13 +133,13 @@ def test_torchrun_two_processes_train_the_one_process_run(smoke_run, tmp_path):
     stop agreement, rank-0 writes) logs the losses of the same command in one process."""
     import subprocess
     import sys
-    from checkpoint import read_log
-    from conftest import HERE, SMOKE
+    from runtime.checkpoint import read_log
+    from conftest import ROOT, SMOKE
     out = tmp_path / "run"
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={free_port()}", str(HERE / "train.py"), *SMOKE, "--epochs", "2",
+                          f"--master_port={free_port()}", str(ROOT / "train.py"), *SMOKE, "--epochs", "2",
                           "--knn-every", "0", "--output-dir", str(out)],
-                         capture_output=True, text=True, cwd=HERE, timeout=600)
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     two, one = read_log(out / "log.txt"), read_log(smoke_run / "log.txt")
     assert [e["epoch"] for e in two] == [0, 1, 2]

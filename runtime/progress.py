@@ -14,7 +14,7 @@ import time
 import torch
 from tqdm import tqdm
 
-import distributed
+from runtime import distributed
 
 
 def show_bars(main: bool) -> bool:

@@ -1,6 +1,6 @@
 """The two asymmetric views of BYOL / MoCo v3, made for a whole batch at once on its own device.
 
-The same pipeline as data.py's PIL reference (`two_view_transforms`), in the same order, with
+The same pipeline as images/datasets.py's PIL reference (`two_view_transforms`), in the same order, with
 independent random parameters per image:
 
   1. random resized crop to size x size (scale crop_min..1, ratio 3/4..4/3), bilinear, antialiased
@@ -12,7 +12,7 @@ independent random parameters per image:
   7. normalise with the dataset's per-channel mean / std
   view 1: blur_p 1.0, solarize_p 0.0        view 2: blur_p 0.1, solarize_p 0.2
 
-Input uint8 (B, C, H, W), C = 3 or 1 (made 3 channels, as data.py's Grayscale(3)); output float32
+Input uint8 (B, C, H, W), C = 3 or 1 (made 3 channels, as images/datasets.py's Grayscale(3)); output float32
 (B, 3, size, size). With crop=False (the ImageNet path, where the DataLoader workers crop and flip
 and hand over uint8 images of the final size) only steps 3-7 run.
 
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from data import SMALL_IMAGE
+from images.datasets import SMALL_IMAGE
 
 RATIO = (3 / 4, 4 / 3)                   # RandomResizedCrop's aspect ratio range
 JITTER = (0.4, 0.4, 0.2, 0.1)            # ColorJitter(brightness, contrast, saturation, hue)
@@ -270,7 +270,7 @@ def random_grayscale(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------ blur, solarize, normalise ---
 def blur_kernel_size(size: int) -> int:
-    """data.py's blur kernel, about 10 % of the side; 0 (no blur) for images <= 64 px."""
+    """images/datasets.py's blur kernel, about 10 % of the side; 0 (no blur) for images <= 64 px."""
     return 2 * (size // 20) + 1 if size > SMALL_IMAGE else 0
 
 
@@ -373,7 +373,7 @@ def apply_params(images: torch.Tensor, p: Params, size: int, mean, std,
     x = images.float() / 255                                                       # (B, C, H, W)
     if crop:
         x = resized_crop(x, p.box, p.flip, size)                                   # (B, C, size, size)
-    x = x.expand(-1, 3, -1, -1)  # one channel: data.py's Grayscale(3), cheaper after the crop
+    x = x.expand(-1, 3, -1, -1)  # one channel: images/datasets.py's Grayscale(3), cheaper after the crop
     x = color_jitter(x, p.factors, p.order, p.jitter)
     x = random_grayscale(x, p.gray)
     k = blur_kernel_size(size)
@@ -418,7 +418,7 @@ def two_views(images, size: int, crop_min: float, mean, std, generator: torch.Ge
 
     images: one uint8 batch (B, C, H, W) that the two views crop independently, or a pair of
     batches, one per view (with crop=False: the two crops the DataLoader workers made).
-    compiled: torch.compile the applying of the parameters (loaders.py does on CUDA with --compile).
+    compiled: torch.compile the applying of the parameters (images/loaders.py does on CUDA with --compile).
     """
     first, second = images if isinstance(images, (tuple, list)) else (images, images)
     common = dict(mean=mean, std=std, generator=generator, crop=crop, compiled=compiled)

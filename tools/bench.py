@@ -11,15 +11,15 @@ it on a GPU (torch.channels_last for ResNets; torch.compile of the two backbones
 The data benchmark (--data) measures what feeds the step, on synthetic 500x375 JPEGs written to a
 temporary ImageFolder: (a) the DataLoader workers' transform alone, in this one process (so per
 worker), JPEG decode included: the PIL reference path against the crop-only path of the batched
-augmentation; (b) augment.py's batched two views on --device at 224 px and at 32 px; (c) train.py's
+augmentation; (b) images/augment.py's batched two views on --device at 224 px and at 32 px; (c) train.py's
 own loop (train_one_epoch) end to end, loader + step, against the same loop fed one fixed batch.
 Its last line of stdout is one JSON object (also written to OUT/bench_data_<device>.json).
 
-    python bench.py --arch resnet18 --device cpu                    # CPU figures in docs/results.md
-    python bench.py --arch resnet50 --device cuda --batch-size 256 --image-size 224 --channels-last --compile
-    python bench.py --data --device cuda --arch resnet50 --batch-size 256 --image-size 224 --compile \\
+    python -m tools.bench --arch resnet18 --device cpu                    # CPU figures in docs/results.md
+    python -m tools.bench --arch resnet50 --device cuda --batch-size 256 --image-size 224 --channels-last --compile
+    python -m tools.bench --data --device cuda --arch resnet50 --batch-size 256 --image-size 224 --compile \\
         --data-workers 15 --data-images 3000 --data-steps 80
-    bash bench_gpu.sh                                               # all GPU figures, under 8 minutes
+    bash tools/bench_gpu.sh                                               # all GPU figures, under 8 minutes
 """
 import contextlib
 import itertools
@@ -37,20 +37,20 @@ import torch
 from PIL import Image
 from torchvision import datasets
 
-import augment
-import cli
-import data
-import distributed
-import options
-import run_control
+from images import augment
+from runtime import cli
+from images import datasets as image_sets
+from runtime import distributed
+from runtime import options
+from runtime import run_control
 import train
-from checkpoint import ConfigError, check_writable_folder, write_json
-from cli import nonneg_int, positive_int
-from loaders import AUGMENT_DEVICES
+from runtime.checkpoint import ConfigError, check_writable_folder, write_json
+from runtime.cli import nonneg_int, positive_int
+from images.loaders import AUGMENT_DEVICES
 from loss import info_nce, snclr_loss
 from memory_queue import MemoryQueue
 from model import ARCHS, RESNETS, STEMS, SNCLR
-from op_count import count_ops
+from tools.op_count import count_ops
 from train import train_step
 
 JPEG_SIZE, JPEG_QUALITY = (500, 375), 90  # a typical ImageNet photo (width, height), typical quality
@@ -61,7 +61,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")  # 
 
 
 def get_args_parser():
-    p = cli.Parser("bench.py", description=__doc__.split("\n\n")[0])
+    p = cli.Parser("python -m tools.bench", description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("--arch", default="resnet18", choices=ARCHS)
     a("--device", default="auto", choices=("auto", "cuda", "cpu"))
@@ -95,8 +95,8 @@ def get_args_parser():
       "results to replace the committed figures in results/ deliberately")
     d = p.add_argument_group("data benchmark")
     d.add_argument("--data", action="store_true", help="instead of the step: (a) the workers' transform alone, "
-                   "old PIL path and new crop-only path, in pairs/s per worker; (b) augment.py's batched views, ms per "
-                   "batch; (c) train.py's loop end to end against the step alone, img/s")
+                   "old PIL path and new crop-only path, in pairs/s per worker; (b) images/augment.py's batched "
+                   "views, ms per batch; (c) train.py's loop end to end against the step alone, img/s")
     d.add_argument("--data-images", type=positive_int, default=512, help="distinct synthetic JPEGs written")
     d.add_argument("--data-steps", type=positive_int, default=20, help="(c): steps of each timed loop; the "
                    "training folder links the JPEGs as often as that needs")
@@ -124,7 +124,8 @@ def check_args(p, args) -> None:
     if args.compile_mode != "default" and not args.compile:
         p.error(f"--compile-mode {args.compile_mode} needs --compile")
     if args.compile_mode != "default" and args.data:
-        p.error("--compile-mode is the step benchmark's; --data runs train.py's loop, which compiles in its default mode")
+        p.error("--compile-mode is the step benchmark's; --data runs train.py's loop, which compiles in its "
+                "default mode")
     if args.count_ops and (args.data or args.compile):
         p.error("--count-ops counts eager operators of the step; it cannot be combined with --data or --compile")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -210,7 +211,7 @@ def part_times(model, args, device):
     keys = torch.randn(B, D, device=device)
     y = torch.randn(B, D, device=device, requires_grad=True)
     z = torch.randn(B, D, device=device, requires_grad=True)
-    nb = model.queue.nearest_neighbors(keys, K)                                   # (B, K, D)
+    nb = model.queue.features[model.queue.nearest_indices(keys, K)]               # (B, K, D)
     w = model.positiveness(y, nb).detach()
 
     def positiveness():
@@ -224,7 +225,8 @@ def part_times(model, args, device):
 
     search = timed(lambda: model.queue.nearest_indices(keys, K), device, args.repeats)
     return {"neighbor_search": 2 * search, "positiveness": 2 * timed(positiveness, device, args.repeats),
-            "loss_extra": 2 * max(timed(extra_loss, device, args.repeats) - timed(base_loss, device, args.repeats), 0.0)}
+            "loss_extra": 2 * max(timed(extra_loss, device, args.repeats)
+                                  - timed(base_loss, device, args.repeats), 0.0)}
 
 
 def search_scaling(args, device):
@@ -288,7 +290,7 @@ def ops_benchmark(args, env) -> tuple[dict, list[str]]:
     opt, scaler = recipe_optimizer(model, args.arch), torch.amp.GradScaler(device.type, enabled=False)
     images = torch.randint(0, 256, (B, 1, S, S), dtype=torch.uint8, device=device)
     g = torch.Generator(device=device).manual_seed(0)
-    views = lambda: augment.two_views(images, S, CROP_MIN, *data.IMAGENET_MEAN_STD, g)  # noqa: E731
+    views = lambda: augment.two_views(images, S, CROP_MIN, *image_sets.IMAGENET_MEAN_STD, g)  # noqa: E731
     x1, x2 = views()
     step = lambda: train_step(model, model, x1, x2, opt, scaler, 0.99)  # noqa: E731
     counted = {}
@@ -301,8 +303,8 @@ def ops_benchmark(args, env) -> tuple[dict, list[str]]:
               **counted, "total_ops": counted["augment"]["ops"] + counted["step"]["ops"]}
     lines = [f"aten operators (non-view) per step, eager, {args.arch} (stem {args.stem}), {S} px, batch {B}, "
              f"K {args.num_neighbors}, dim {args.dim}, mlp {args.mlp_dim}, queue {args.queue_size}, {optimizer}",
-             f"  two-view augmentation   {counted['augment']['ops']:6d} ops  {counted['augment']['mib_per_image']:8.2f} "
-             f"MiB per image",
+             f"  two-view augmentation   {counted['augment']['ops']:6d} ops  "
+             f"{counted['augment']['mib_per_image']:8.2f} MiB per image",
              f"  train_step              {counted['step']['ops']:6d} ops  {counted['step']['mib_per_image']:8.2f} "
              f"MiB per image",
              f"    of which {optimizer:11s} {counted['optimizer']['ops']:6d} ops",
@@ -362,8 +364,8 @@ def loader_rates(root: str, count: int) -> dict:
     """(a) Image pairs per second of each worker-side transform, decode included, in this process
     with one thread (as in a DataLoader worker); the two alternate in chunks so that a change in
     the machine's load hits both alike."""
-    old = data.TwoViews(*data.two_view_transforms("folder", LOADER_SIZE, CROP_MIN))     # PIL reference
-    new = data.TwoViews(*[data.CropToUint8(LOADER_SIZE, CROP_MIN)] * 2)                 # batched path's
+    old = image_sets.TwoViews(*image_sets.two_view_transforms("folder", LOADER_SIZE, CROP_MIN))     # PIL reference
+    new = image_sets.TwoViews(*[image_sets.CropToUint8(LOADER_SIZE, CROP_MIN)] * 2)                 # batched path's
     sets = {"pil": datasets.ImageFolder(root, old), "new": datasets.ImageFolder(root, new)}
     seconds = dict.fromkeys(sets, 0.0)
     threads = torch.get_num_threads()
@@ -388,7 +390,7 @@ def augment_ms(args, device) -> dict:
     """(b) Median ms of augment.two_views for one batch on device: at 224 px from the workers' two
     uint8 crops (crop=False), and at 32 px from one uint8 batch it crops itself (crop=True)."""
     g = torch.Generator(device=device).manual_seed(0)
-    B, mean_std = args.batch_size, data.IMAGENET_MEAN_STD
+    B, mean_std = args.batch_size, image_sets.IMAGENET_MEAN_STD
 
     def uint8(size):
         return torch.randint(0, 256, (B, 3, size, size), dtype=torch.uint8, device=device)
@@ -499,8 +501,8 @@ def data_benchmark(args, env) -> tuple[dict, list[str]]:
     lines = [f"data paths on {result['device']}, torch {torch.__version__}",
              f"(a) worker-side transform, {LOADER_SIZE} px two views from {JPEG_SIZE[0]}x{JPEG_SIZE[1]} JPEGs "
              f"({kb:.0f} KB), decode included, one process, {args.loader_images} pairs each:",
-             f"    old: PIL, all augmentations (data.two_view_transforms)  {pairs['pil']:8.1f} pairs/s per worker",
-             f"    new: crop + flip to uint8 (data.CropToUint8 x 2)        {pairs['new']:8.1f} pairs/s per worker",
+             f"    old: PIL, all augmentations (two_view_transforms)  {pairs['pil']:8.1f} pairs/s per worker",
+             f"    new: crop + flip to uint8 (CropToUint8 x 2)        {pairs['new']:8.1f} pairs/s per worker",
              f"(b) augment.two_views on {env.device.type}, batch {args.batch_size}: 224 px (crop=False) "
              f"{ms['224']:.1f} ms, 32 px (crop=True) {ms['32']:.1f} ms",
              f"(c) train.py's loop, {args.arch} {args.image_size} px, batch {args.batch_size}, {args.data_workers} "
@@ -525,7 +527,7 @@ def main(argv=None):
             raise ConfigError(str(e)) from None
         run = data_benchmark if args.data else ops_benchmark if args.count_ops else step_benchmark
         result, lines = run(args, env)
-    except (ConfigError, data.DataError) as e:
+    except (ConfigError, image_sets.DataError) as e:
         cli.fail(e)
     name = (f"bench_data_{env.device.type}" if args.data else
             f"bench_ops_{env.device.type}_{args.arch}_{args.image_size}" if args.count_ops else
