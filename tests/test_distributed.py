@@ -89,7 +89,10 @@ def _knn_two_rank_worker(rank, port, out_dir):
     out = {"bank_rows": bank.real, "bank_index": bank.index[:bank.real], "test_index": test.index[:test.real],
            "acc": {k: knn_accuracy(torch.nn.Flatten(), train_set, test_set, 5, *args, k=k) for k in (5, 100)},
            "scores": sharded_knn_predict(bank.feats[:bank.real], bank.labels[:bank.real],
-                                         distributed.all_gather(test.feats), 5, 100)[:test.real]}
+                                         distributed.all_gather(test.feats), 5, 100)[:test.real],
+           "scores_t": sharded_knn_predict(bank.feats[:bank.real], bank.labels[:bank.real],
+                                           distributed.all_gather(test.feats), 5, 100, t=0.5)[:test.real],
+           "acc_t": knn_accuracy(torch.nn.Flatten(), train_set, test_set, 5, *args, k=37, t=100.0)}
     # the bank as its own queries, k = 1: each item finds itself; a padded query counted twice would give 38/37
     out["self"] = knn_accuracy(torch.nn.Flatten(), train_set, train_set, 5, *args, k=1)
     stop, net = threading.Event(), _CountingFlatten()
@@ -123,6 +126,14 @@ def test_knn_sharded_two_process_gloo_equals_single_device(tmp_path):
     full = knn_predict(bank, y, queries, 5, 100)            # a padded bank item would vote twice
     for r in (r0, r1):
         assert torch.allclose(r["scores"], full[r["test_index"]], rtol=1e-5)
+    full_t = knn_predict(bank, y, queries, 5, 100, t=0.5)                # --knn-t reaches the vote
+    assert not torch.allclose(full_t, full, rtol=1e-3)
+    for r in (r0, r1):
+        assert torch.allclose(r["scores_t"], full_t[r["test_index"]], rtol=1e-5)
+    flat = knn_predict(bank, y, queries, 5, 37, t=100.0).argmax(dim=1)   # every item votes almost alike
+    assert r0["acc_t"] == r1["acc_t"] == 100.0 * (flat == yq).sum().item() / 23
+    sharp = knn_predict(bank, y, queries, 5, 37).argmax(dim=1)          # the default t = 0.07
+    assert (sharp == yq).sum() != (flat == yq).sum()                    # so ignoring t would show
     assert r0["stopped"] is None and r1["stopped"] is None and r0["calls"] == r1["calls"] == 0
     assert r0["stopped_late"] is None and r1["stopped_late"] is None
     assert r0["calls_late"] == r1["calls_late"] == 5

@@ -1,6 +1,10 @@
 """LARS (runtime/lars.py): the foreach update against its formula, one parameter at a time."""
+import pytest
 import torch
 
+import train
+from model import SNCLR
+from runtime import options
 from runtime.lars import LARS
 
 
@@ -63,3 +67,24 @@ def test_foreach_lars_with_a_zero_update_keeps_the_parameter():
     opt.step()
     assert torch.equal(p.detach(), torch.ones(3, 2, dtype=torch.float64))
 
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "vit_small"])
+def test_lars_groups_hold_weights_apart_from_biases_and_norms(arch):
+    """MoCo v3's LARS as train.py builds it: every weight matrix / kernel (and the ViT class
+    token) decayed and adapted; every bias and every norm layer's parameter neither. The
+    expected split is found by module type and name here, not by the shape rule lars.py uses."""
+    args = options.parse_args(["--arch", arch, "--optimizer", "lars", "--weight-decay", "1e-4"])
+    model = SNCLR(arch, 32, dim=16, mlp_dim=32, num_neighbors=0, queue_size=8)
+    norms = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm)
+    plain = {id(p) for m in model.modules() if isinstance(m, norms) for p in m.parameters(recurse=False)}
+    plain |= {id(p) for name, p in model.named_parameters() if name.endswith("bias")}  # in_proj_bias too
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = train.build_optimizer(model, args)
+    assert isinstance(optimizer, LARS) and len(optimizer.param_groups) == 2
+    adapted, fixed = optimizer.param_groups
+    assert (adapted["weight_decay"], adapted["lars_adapt"]) == (1e-4, True)
+    assert (fixed["weight_decay"], fixed["lars_adapt"]) == (0.0, False)
+    assert {id(p) for p in fixed["params"]} == plain & {id(p) for p in trained}
+    assert {id(p) for p in adapted["params"]} == {id(p) for p in trained} - plain
+    assert not any(p is q for p in model.momentum_parameters() for q in adapted["params"] + fixed["params"])

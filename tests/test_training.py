@@ -599,3 +599,56 @@ def test_the_epochs_log_line_is_on_disk_with_its_checkpoint_before_the_monitor(t
     (line, epoch), = seen
     assert epoch == 1 and line["epoch"] == 1 and "loss" in line and "knn_top1" not in line
     assert "knn_top1" in read_log(tmp_path / "log.txt")[-1]
+
+
+# ------------------------------------------------------------- what the loop feeds the step ---
+def test_the_loop_moves_both_schedules_every_step(tmp_path, monkeypatch):
+    """train_one_epoch hands each step the momentum and lr of *that* step: m(t) and lr(t) at
+    t = epoch * steps + it, not values frozen per epoch."""
+    import train
+    from model import momentum_schedule
+    seen, real = [], train.train_step
+
+    def recording(model, ddp_model, x1, x2, optimizer, scaler, m, *rest):
+        seen.append((m, optimizer.param_groups[0]["lr"]))
+        return real(model, ddp_model, x1, x2, optimizer, scaler, m, *rest)
+    monkeypatch.setattr(train, "train_step", recording)
+    train.main(SMOKE + ["--epochs", "2", "--lr", "0.4", "--warmup-epochs", "1", "--momentum", "0.9",
+                        "--knn-every", "0", "--output-dir", str(tmp_path)])
+    args = options.parse_args(SMOKE + ["--epochs", "2", "--lr", "0.4", "--warmup-epochs", "1"])
+    steps = 4                                                       # 64 fake images, batch 16
+    assert len(seen) == 2 * steps
+    for t, (m, lr) in enumerate(seen):
+        assert m == pytest.approx(momentum_schedule(t, 2 * steps, 0.9), abs=1e-12)
+        assert lr == pytest.approx(train.learning_rate(t, steps, args), abs=1e-12)
+    ms = [m for m, _ in seen]
+    assert all(a < b for a, b in zip(ms, ms[1:]))                   # rises within each epoch too
+
+
+def test_knn_options_reach_the_monitors_vote(tmp_path, monkeypatch):
+    """--knn-k and --knn-t as train.py's monitor passes them to the vote (the vote's own use of
+    t is checked against the formula in test_distributed.py)."""
+    import train
+    from monitors import knn
+    seen, real = [], knn.knn_accuracy
+
+    def recording(*a, **kw):
+        seen.append((a[-2:], kw.get("stop") is not None))
+        return real(*a, **kw)
+    monkeypatch.setattr(run_control, "knn_accuracy", recording)
+    train.main(SMOKE + ["--epochs", "1", "--knn-k", "3", "--knn-t", "0.5", "--output-dir", str(tmp_path)])
+    assert seen and all(last == (3, 0.5) and stop for last, stop in seen)
+
+
+def test_a_checkpoint_whose_queue_has_no_labels_is_refused_by_name(tmp_path, capsys):
+    """A queue without its labels (a checkpoint of an early version) is not read as class 0 or
+    any other class: the strict load names the missing key, and nothing is written."""
+    import train
+    train.main(SMOKE + ["--epochs", "1", "--knn-every", "0", "--output-dir", str(tmp_path)])
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    del ckpt["model"]["queue.labels"]
+    torch.save(ckpt, tmp_path / "checkpoint.pth")
+    before = snapshot(tmp_path)
+    line = fails_in_process(capsys, train.main, SMOKE + ["--epochs", "2", "--output-dir", str(tmp_path)])
+    assert 'does not fit: Missing key(s) in state_dict: "queue.labels"' in line, line
+    assert snapshot(tmp_path) == before
