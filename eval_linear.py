@@ -15,7 +15,9 @@ OUTPUT/best.pth keeps the best classifier. A run is resumed only with the same b
 and options (train.py's rule: others are listed and refused unless --allow-changed-args), and a
 run lock keeps a second evaluation out of OUTPUT. Every option is checked, and the output folder
 or --export target too, before any work; a bad one ends with one `error:` line and nothing
-written.
+written. SIGTERM, Ctrl-C and SIGHUP stop a probe or fine-tuning after its step, save it (inside
+the epoch: the rerun continues with the same sample order) and exit with 143, 130, 129
+(runtime/signals.py); a kNN or cached-feature evaluation stops the same way with nothing to save.
 """
 import argparse
 import math
@@ -36,11 +38,12 @@ from runtime.eval_control import (check_export_target, check_options, check_eval
 from runtime.checkpoint import (ConfigError, append_json, checkpoint_data_path, claim_output_dir,
                                 load_checkpoint, load_state, log_changes, save_checkpoint, weights_digest)
 from runtime.cli import nonneg_float, nonneg_int, positive_float, positive_int
-from images.datasets import (DATASETS, NUM_CLASSES, DataError, SkipUnreadable, build_dataset, closing_workers,
-                             eval_transform, fixed_subset)
+from images.datasets import (DATASETS, NUM_CLASSES, DataError, EpochSampler, SkipUnreadable, build_dataset,
+                             closing_workers, eval_transform, fixed_subset, ignore_stop_signals)
 from monitors.knn import extract_features, knn_accuracy
 from model import ARCHS, build_backbone
 from runtime.progress import show_bars
+from runtime.signals import Stopped, kept_checkpoint, preempted, stop_on_signals
 
 KNN_DEFAULTS = {"knn_k": 200, "knn_t": 0.07}  # InstDisc's; for checkpoints that predate the options
 
@@ -206,8 +209,12 @@ def cosine_lr(step: int, total: int, base: float) -> float:
 def probe_cached(backbone, dim, num_classes, train_set, test_set, args, env, base_lr):
     """Linear probe on features computed once without augmentation: (top-1, top-5, log lines)."""
     feat_args = (args.batch_size // env.world_size, args.workers, env.device, env.rank, env.world_size)
-    train_f, train_y = extract_features(backbone, train_set, *feat_args, desc="train features", normalize=False)
-    test_f, test_y = extract_features(backbone, test_set, *feat_args, desc="test features", normalize=False)
+    train_f, train_y = extract_features(backbone, train_set, *feat_args, desc="train features", normalize=False,
+                                        stop=env.stop)
+    test_f, test_y = extract_features(backbone, test_set, *feat_args, desc="test features", normalize=False,
+                                      stop=env.stop)
+    if train_f is None or test_f is None:  # a few minutes of work, rerun from the start
+        raise Stopped(preempted(env, "while computing the features; nothing to save"))
     torch.manual_seed(args.seed)  # every rank holds all features and trains the same head
     head = linear_head(dim, num_classes).to(env.device)
     opt = torch.optim.SGD(head.parameters(), lr=base_lr, momentum=0.9, weight_decay=args.weight_decay)
@@ -226,14 +233,17 @@ def probe_cached(backbone, dim, num_classes, train_set, test_set, args, env, bas
     return top1, top5, logs
 
 
-def train_epoch(model, ddp, backbone, loader, opt, epoch: int, base_lr: float, args, env, finetune: bool):
-    """One epoch of the classifier; returns the last step's loss and lr."""
+def train_epoch(model, ddp, backbone, loader, opt, epoch: int, start_it: int, steps: int, base_lr: float,
+                args, env, finetune: bool, stopper):
+    """Steps start_it .. steps - 1 of one epoch of the classifier: (last loss, last lr, steps
+    done, stopped). It stops after a step, on every rank alike, once a rank has a stop signal."""
     model.train()
     backbone.train(finetune)  # a probe keeps BN statistics frozen too
-    steps = len(loader)
+    loss, lr, it, stopped = torch.zeros(()), 0.0, start_it, False
     with closing_workers(loader) as batches:
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not show_bars(env.main))
-        for it, (x, y) in enumerate(bar):
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", total=steps, initial=start_it,
+                   disable=not show_bars(env.main))
+        for x, y in bar:
             lr = cosine_lr(epoch * steps + it, args.epochs * steps, base_lr)
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_scale"]
@@ -243,7 +253,11 @@ def train_epoch(model, ddp, backbone, loader, opt, epoch: int, base_lr: float, a
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    return loss, lr
+            it += 1
+            if stopper.poll():
+                stopped = True
+                break
+    return loss, lr, it, stopper.finish() or stopped
 
 
 def train_classifier(backbone, dim, num_classes, train_set, test_set, args, env, base_lr, finetune, out_dir,
@@ -263,31 +277,42 @@ def train_classifier(backbone, dim, num_classes, train_set, test_set, args, env,
     if finetune:
         groups.append({"params": backbone.parameters(), "lr_scale": args.backbone_lr_scale})
     opt = torch.optim.SGD(groups, lr=base_lr, momentum=0.9, weight_decay=args.weight_decay)
-    start, best = 0, 0.0
+    start, start_it, best = 0, 0, 0.0
     ckpt, changes = resume
     if ckpt is not None:
         on_main(env, log_changes, os.path.join(out_dir, "log.txt"), ckpt["epoch"] + 1, changes)
         load_state(model, ckpt["model"], f"evaluation checkpoint {out_dir}/checkpoint.pth")
         load_state(opt, ckpt["optimizer"], f"the optimizer state of {out_dir}/checkpoint.pth")
-        start, best = ckpt["epoch"], ckpt["best_top1"]
+        start, start_it, best = ckpt["epoch"], ckpt.get("step_in_epoch", 0), ckpt["best_top1"]
     ddp = DistributedDataParallel(model) if env.world_size > 1 else model
-    sampler = torch.utils.data.DistributedSampler(train_set, env.world_size, env.rank, seed=args.seed)
-    loader = torch.utils.data.DataLoader(train_set, args.batch_size // env.world_size, sampler=sampler,
-                                         num_workers=args.workers, pin_memory=env.device.type == "cuda")
+    batch = args.batch_size // env.world_size
+    sampler = EpochSampler(torch.utils.data.DistributedSampler(train_set, env.world_size, env.rank, seed=args.seed))
+    loader = torch.utils.data.DataLoader(train_set, batch, sampler=sampler, num_workers=args.workers,
+                                         pin_memory=env.device.type == "cuda", worker_init_fn=ignore_stop_signals)
     mine = torch.utils.data.Subset(test_set, range(env.rank, len(test_set), env.world_size))
-    test_loader = torch.utils.data.DataLoader(mine, args.batch_size // env.world_size, num_workers=args.workers)
+    test_loader = torch.utils.data.DataLoader(mine, batch, num_workers=args.workers, worker_init_fn=ignore_stop_signals)
+    steps, stopper, saved = math.ceil(len(sampler.base) / batch), distributed.StopAgreement(env.stop, env.device), \
+        os.path.join(out_dir, "checkpoint.pth")
+    state = lambda epoch, step: {  # noqa: E731 (where training continues: epoch, step)
+        "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step_in_epoch": step,
+        "best_top1": best, "source": source or {}, "backbone_sha256": digest, "args": vars(args),
+        "world_size": env.world_size, "runtime": eval_runtime(env)}
     top1, top5 = 0.0, 0.0
     for epoch in range(start, args.epochs):
-        sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch, skip=start_it * batch)
         torch.manual_seed(args.seed + 1000 * epoch + env.rank)
-        loss, lr = train_epoch(model, ddp, backbone, loader, opt, epoch, base_lr, args, env, finetune)
+        loss, lr, it, stopped = train_epoch(model, ddp, backbone, loader, opt, epoch, start_it, steps, base_lr,
+                                            args, env, finetune, stopper)
+        start_it = 0
+        if stopped and it < steps:  # inside the epoch: save where it stands, no figures yet
+            on_main(env, save_checkpoint, saved, state(epoch, it))
+            raise Stopped(preempted(env, f"at epoch {epoch + 1}, iteration {it}; saved {saved}"))
         top1, top5 = evaluate(model, test_loader, env)
         is_best, best = top1 > best, max(best, top1)
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "best_top1": best,
-                 "source": source or {}, "backbone_sha256": digest, "args": vars(args),
-                 "world_size": env.world_size, "runtime": eval_runtime(env)}
-        on_main(env, save_epoch, out_dir, state, {"epoch": epoch + 1, "loss": loss.item(), "lr": lr, "top1": top1,
-                                                  "top5": top5}, is_best)
+        on_main(env, save_epoch, out_dir, state(epoch + 1, 0), {"epoch": epoch + 1, "loss": loss.item(), "lr": lr,
+                                                                "top1": top1, "top5": top5}, is_best)
+        if stopped or not distributed.all_ok(not env.stop.is_set(), env.device):  # during the test pass
+            raise Stopped(preempted(env, f"after epoch {epoch + 1}; saved {saved}"))
     if start >= args.epochs:  # resumed a finished run: report its final classifier
         top1, top5 = evaluate(model, test_loader, env)
     if not finetune:
@@ -365,9 +390,11 @@ def evaluate_backbone(backbone, dim, pre, args, env, out_dir: str, source: dict,
         base_lr = (args.lr if args.lr is not None else 3.0 if pre["arch"].startswith("vit") else 0.1) \
             * args.batch_size / 256
         if args.knn:
-            result.update(knn_k=k, knn_t=t, top1=knn_accuracy(
-                backbone, train_set, test_set, num_classes, args.batch_size // env.world_size, args.workers,
-                env.device, env.rank, env.world_size, k, t))
+            top1 = knn_accuracy(backbone, train_set, test_set, num_classes, args.batch_size // env.world_size,
+                                args.workers, env.device, env.rank, env.world_size, k, t, stop=env.stop)
+            if top1 is None:
+                raise Stopped(preempted(env, "during the kNN evaluation; nothing to save"))
+            result.update(knn_k=k, knn_t=t, top1=top1)
         elif args.cache_features:
             result["top1"], result["top5"], logs = probe_cached(backbone, dim, num_classes, train_set, test_set,
                                                                 args, env, base_lr)
@@ -417,15 +444,21 @@ def run(args, env) -> dict:
 
 def main(argv=None) -> dict:
     """Parse, evaluate, print the result as one JSON line. Exit status 0, 2 for a bad command
-    line, 1 with one `error:` line (printed by rank 0 alone under torchrun) for anything else."""
+    line, 1 with one `error:` line (printed by rank 0 alone under torchrun) for anything else,
+    128 + signal after a SIGTERM, Ctrl-C or SIGHUP (saved where there was something to save)."""
     args = get_args_parser().parse_args(argv)
-    env, result = None, None
+    env, result, status = None, None, 0
     try:
         try:
             env = distributed.init_distributed(args.device)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        result = run(args, env)
+        mode = mode_of(args)
+        with stop_on_signals(env.stop, lambda: "nothing is written" if mode == "export" else
+                             kept_checkpoint(output_folder(args, mode))):
+            result = run(args, env)
+    except Stopped as stopped:  # saved what it had, said so
+        status = stopped.status
     except distributed.OtherRankFailed:  # that rank prints the error line
         sys.exit(cli.EXIT_ERROR)
     except (ConfigError, DataError) as e:  # a data error may be one rank's own: that rank reports it
@@ -433,6 +466,8 @@ def main(argv=None) -> dict:
                  rank=None if env is None or env.world_size == 1 else env.rank)
     finally:
         distributed.cleanup()
+    if status:
+        sys.exit(status)
     return result
 
 

@@ -41,11 +41,7 @@ def build_backbone(arch: str, image_size: int = 224, stem: str = "auto") -> tupl
     zero_init_residual=True (each residual branch starts as the identity, Goyal et al. 2017),
     ViTs as in `init_vit_as_mocov3`.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
-    if stem not in STEMS:
-        raise ValueError(f"unknown stem {stem!r}; choose one of {STEMS}")
-    small = stem == "small" or (stem == "auto" and image_size <= SMALL_IMAGE)
+    small = check_image_size(arch, image_size, stem)
     if arch in RESNETS:
         net = getattr(torchvision.models, arch)(zero_init_residual=True)
         if small:
@@ -58,13 +54,31 @@ def build_backbone(arch: str, image_size: int = 224, stem: str = "auto") -> tupl
         return net, dim
     layers, heads, width = VITS[arch]
     patch = 4 if small else 16
-    if image_size % patch:
-        raise ValueError(f"{arch} needs an image size divisible by its patch size {patch}, "
-                         f"got {image_size}")
     net = VisionTransformer(image_size, patch, layers, heads, width, 4 * width)
     net.heads = nn.Identity()
     init_vit_as_mocov3(net, patch)
     return net, width
+
+
+def check_image_size(arch: str, image_size: int, stem: str = "auto") -> bool:
+    """Whether the small-image stem is used; a ValueError line for an arch, stem or size the
+    backbone cannot take. A ResNet needs 8 px or more: the small stem's three stride-2 stages
+    leave one pixel of an 8 px image, and torchvision's 7x7 stride-2 stem sees nothing of a
+    smaller one. A ViT needs a size divisible by its patch and at least 2 x 2 patches."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; choose one of {STEMS}")
+    small = stem == "small" or (stem == "auto" and image_size <= SMALL_IMAGE)
+    patch = 4 if small else 16
+    least = 8 if arch in RESNETS else 2 * patch
+    if image_size < least:
+        raise ValueError(f"image size {image_size} is too small for {arch} with the "
+                         f"{'small' if small else 'imagenet'} stem: it needs at least {least} px")
+    if arch in VITS and image_size % patch:
+        raise ValueError(f"{arch} needs an image size divisible by its patch size {patch}, "
+                         f"got {image_size}")
+    return small
 
 
 def sincos_position_embedding(grid: int, width: int, temperature: float = 10000.0) -> torch.Tensor:

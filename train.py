@@ -34,6 +34,7 @@ from runtime.lars import LARS, param_groups
 from model import RESNETS, SNCLR, momentum_schedule
 from monitors.neighbor_quality import NeighborQuality
 from runtime.progress import Progress
+from runtime.signals import preempted
 
 
 def learning_rate(step: int, steps_per_epoch: int, args) -> float:
@@ -100,8 +101,6 @@ def train_one_epoch(run: run_control.Run, epoch: int):
     channels_last = cuda and args.arch in RESNETS  # cuDNN's fastest convolution layout
     progress = Progress(args, env, epoch, run.start_it, steps)
     quality = NeighborQuality(env.device) if run.labelled else None  # monitoring only
-    kept = (f"the last checkpoint in {args.output_dir} is kept" if epoch or run.start_it
-            else "no checkpoint was written")
     it, stop, lr, m, waited = run.start_it, False, 0.0, 0.0, time.perf_counter()
     for (x1, x2), y in loader:
         wait_s = time.perf_counter() - waited
@@ -120,7 +119,7 @@ def train_one_epoch(run: run_control.Run, epoch: int):
         progress.add(loss, w, wait_s)
         stop = run.stopper.poll()  # every rank agrees after every step, without waiting for the GPU
         if stop or it % args.print_freq == 0 or it == steps:
-            progress.read(it, lr, kept)
+            progress.read(it, lr)
         if stop:
             break
         waited = time.perf_counter()
@@ -135,7 +134,7 @@ def train(args, env) -> int:
     status: 0, or 128 + signal after a SIGTERM / Ctrl-C (saved, resumable)."""
     with run_control.setup(args, env, build_optimizer) as run:  # checks, data, model, resume
         if not run.measure_baseline():  # kNN of the random-init encoder, once per run
-            return run_control.preempted(env, "before training; nothing was saved")
+            return preempted(env, "before training; nothing was saved")
         for epoch in range(run.epoch, run.end):
             run.loader.set_epoch(epoch, run.start_it)
             skipped = run.loader.skipped()

@@ -370,10 +370,11 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def ignore_stop_signals(_worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM and Ctrl-C (SIGINT): torchrun and a terminal signal the
-    whole process group, and a dead worker would crash the main process before it can save."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """DataLoader workers ignore SIGTERM, Ctrl-C (SIGINT) and SIGHUP: torchrun and a terminal
+    signal the whole process group, and a dead worker would crash the main process before it
+    can save (runtime/signals.py)."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 @contextlib.contextmanager

@@ -306,6 +306,22 @@ def build_knn_sets(args):
             fixed_subset(test, args.knn_test_size, args.seed, "--knn-test-size")), num_classes
 
 
+def worker_death(error: BaseException):
+    """A DataError line for torch's word that a DataLoader worker died, else None. torch says so
+    where the loop waits for a batch, or anywhere from its SIGCHLD handler: "DataLoader worker
+    (pid N) is killed by signal: Killed." (the kernel's OOM killer sends SIGKILL), "... Bus
+    error. ..." (shared memory full), "DataLoader worker (pid(s) N) exited unexpectedly"."""
+    text = str(error)
+    if not isinstance(error, RuntimeError) or "DataLoader worker" not in text:
+        return None
+    if "Bus error" in text or "shared memory" in text:
+        return DataError(f"a DataLoader worker ran out of shared memory ({SHM}); give the container more "
+                         f"(docker run --shm-size=16g or more, or --ipc=host) or use fewer --workers")
+    how = text.split(" is ", 1)[1].split(".")[0] if " is killed by signal" in text else "exited unexpectedly"
+    return DataError(f"a DataLoader worker died ({how}), most likely the machine ran out of memory and the "
+                     f"kernel's OOM killer stopped it: lower --workers or --batch-size")
+
+
 class TrainLoader:
     """What train.py iterates: set_epoch(epoch, start_step), then ((x1, x2), y) on the device for
     steps start_step .. steps - 1. `steps` is the number of steps of a whole epoch."""
@@ -326,11 +342,8 @@ class TrainLoader:
     def __iter__(self):
         try:
             yield from self.batches
-        except RuntimeError as e:  # torch: "DataLoader worker (pid N) is killed by signal: Bus error. ..."
-            if "Bus error" in str(e) or "shared memory" in str(e):
-                raise DataError(f"a DataLoader worker ran out of shared memory ({SHM}); give the container more "
-                                f"(docker run --shm-size=16g or more, or --ipc=host) or use fewer --workers") from None
-            raise
+        except RuntimeError as e:
+            raise worker_death(e) or e from None
 
     def close(self) -> None:
         """End the persistent DataLoader workers now. They ignore SIGTERM (data.ignore_stop_signals),

@@ -121,13 +121,18 @@ def encode_shard(backbone, dataset, batch_size: int, workers: int, device, rank:
 
 @torch.no_grad()
 def extract_features(backbone, dataset, batch_size: int, workers: int, device, rank: int = 0,
-                     world_size: int = 1, desc: str = "features", normalize: bool = True):
+                     world_size: int = 1, desc: str = "features", normalize: bool = True,
+                     stop: Optional[threading.Event] = None):
     """Backbone features (L2-normalised unless normalize=False) and labels of every item, on
-    every rank: ((n, D) float32, (n,) long) in dataset order (the cached-feature probe's input).
+    every rank: ((n, D) float32, (n,) long) in dataset order (the cached-feature probe's input);
+    (None, None) on every rank when a rank's stop event was set (encode_shard).
 
     Each rank encodes its shard (encode_shard) and the shards are gathered.
     """
-    shard = encode_shard(backbone, dataset, batch_size, workers, device, rank, world_size, desc, normalize)
+    shard = encode_shard(backbone, dataset, batch_size, workers, device, rank, world_size, desc, normalize,
+                         stop=stop)
+    if shard is None:
+        return None, None
     feats, labels = all_gather(shard.feats), all_gather(shard.labels)   # (R*P, D), (R*P,)
     index = all_gather(shard.index)                                     # (R*P,)
     out_f = feats.new_empty(len(dataset), feats.shape[1])

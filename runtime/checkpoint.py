@@ -132,10 +132,12 @@ def load_checkpoint(path: str, expect: dict = None, required=("model", "optimize
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or a pickle of arbitrary objects
-        # torch's message advises weights_only=False: unsafe, and never right for this project's files
-        unsafe = is_torch_file(path) and ("Unsupported global" in str(e) or "Unsupported operand" in str(e))
-        reason = "it holds objects other than plain tensors and dicts" if unsafe else \
-            "it is not a torch checkpoint file, or it is truncated"
+        # torch's message advises weights_only=False: unsafe, and never right for this project's
+        # files. Its words vary between releases ("Unsupported global", "unsupported GLOBAL").
+        text = str(e).lower()
+        unsafe = is_torch_file(path) and ("unsupported global" in text or "unsupported operand" in text)
+        reason = "it holds objects other than tensors and dicts, and was not loaded (nothing in it ran)" \
+            if unsafe else "it is not a torch checkpoint file, or it is truncated"
         raise ConfigError(f"cannot read checkpoint {path}: {reason}; give a checkpoint.pth written by "
                           f"train.py") from None
     if not isinstance(ckpt, dict) or not set(required) <= set(ckpt):
@@ -300,12 +302,15 @@ def prepare_output_dir(folder: str) -> None:
 
 
 def append_json(path: str, entry: dict, advice: str = "free some space and rerun") -> None:
-    """entry as one JSON line at the end of path. A failed write (a full disk) cuts the file
-    back to its previous end, so no half line is left, and raises one ConfigError line."""
+    """entry as one JSON line at the end of path, on a line of its own even after a line that
+    an earlier process left cut short (killed mid-write). A failed write (a full disk) cuts the
+    file back to its previous end, so no half line is left, and raises one ConfigError line."""
     line, existed = (json.dumps(entry) + "\n").encode(), os.path.lexists(path)
     try:
-        with open(path, "ab", buffering=0) as f:  # unbuffered: nothing is retried when it is closed
+        with open(path, "a+b", buffering=0) as f:  # unbuffered: nothing is retried when it is closed
             end = f.seek(0, os.SEEK_END)
+            if end and os.pread(f.fileno(), 1, end - 1) != b"\n":  # a cut line: start a new one
+                line = b"\n" + line
             try:
                 written = 0
                 while written < len(line):  # a raw write may take part of the line, then fail
@@ -343,14 +348,34 @@ def new_log(path: str, entry: dict) -> None:
     append_json(path, entry)
 
 
-def read_log(path: str) -> list[dict]:
+class Log(list):
+    """read_log's entries; `broken` counts the lines it skipped."""
+    broken = 0
+
+
+def log_entry(line: str):
+    """A log.txt line as its JSON object with an integer "epoch", else None (a cut line)."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) and type(entry.get("epoch")) is int else None
+
+
+def read_log(path: str) -> Log:
     """log.txt's JSON lines merged per epoch, in epoch order: each epoch's line is followed by
     one with its kNN figure (knn_top1, or knn_interrupted) once the monitor has run, a resumed
     run may add a line for an epoch (its changed options) or repeat one (after a failed save:
-    the later wins)."""
+    the later wins). A line that is not such an object (a write cut short by a kill or a full
+    disk) is skipped and counted in .broken; a file of nothing else is a ValueError."""
     with open(path) as f:
-        entries = [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    entries = [e for e in map(log_entry, lines) if e is not None]
+    if lines and not entries:
+        raise ValueError(f"{path} holds no train.py log entry")
     merged = {}
     for e in entries:
         merged.setdefault(e["epoch"], {}).update(e)
-    return [merged[epoch] for epoch in sorted(merged)]
+    log = Log(merged[epoch] for epoch in sorted(merged))
+    log.broken = len(lines) - len(entries)
+    return log

@@ -13,7 +13,7 @@ import math
 import os
 import sys
 
-EXIT_ERROR, EXIT_USAGE = 1, 2  # a signal: 128 + its number (run_control.preempted)
+EXIT_ERROR, EXIT_USAGE = 1, 2  # a signal: 128 + its number (signals.preempted)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

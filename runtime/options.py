@@ -13,7 +13,7 @@ from runtime.cli import nonneg_float, nonneg_int, positive_float, positive_int
 from images.datasets import DATASETS, FASHION_MNIST_DEB, IMAGE_SIZE, debian_fashion_mnist
 from images.loaders import AUGMENT_DEVICES
 from loss import FORMS
-from model import ARCHS, STEMS, VITS
+from model import ARCHS, STEMS, VITS, check_image_size
 from positiveness import RULES, Option, check_options, option_names
 
 # Recipes that differ between ResNets (MoCo v3, LARS) and ViTs (MoCo v3 / released SNCLR, AdamW);
@@ -170,6 +170,10 @@ def check_args(args, env) -> None:
         check_options(args.positiveness, {name: getattr(args, name) for name in option_names()})
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    try:  # the backbone's own rule (model.py), before any data is read
+        check_image_size(args.arch, args.image_size, args.stem)
+    except ValueError as e:
+        raise ConfigError(f"--image-size {args.image_size}: {e}") from None
     wanted = args.augment_device
     if wanted in ("cpu", "cuda") and wanted != env.device.type:
         raise ConfigError(f"--augment-device {wanted} must be the training device ({env.device.type}); use "

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from runtime import distributed
+from runtime.signals import kept_checkpoint
 
 
 def show_bars(main: bool) -> bool:
@@ -50,9 +51,8 @@ class Progress:
         self.window_wait += wait_s
         self.bar.update()
 
-    def read(self, it: int, lr: float, kept: str) -> None:
-        """Sum the window over ranks, show it; stop on a non-finite loss (kept: what the
-        message says about the checkpoint)."""
+    def read(self, it: int, lr: float) -> None:
+        """Sum the window over ranks, show it; stop on a non-finite loss, saying what is kept."""
         sums = distributed.all_reduce_sum(self.window).cpu()  # the one sync per window
         # every rank ran the same steps with the same K: counts agree, sums average over ranks
         window = torch.cat([sums / self.env.world_size, torch.tensor(self.counts[::-1], dtype=torch.float64)])
@@ -60,7 +60,8 @@ class Progress:
         if not math.isfinite(loss):
             step = self.epoch * self.steps
             raise FloatingPointError(f"loss is {loss} between step {step + self.first} and {step + it - 1} "
-                                     f"(epoch {self.epoch + 1}, iterations {self.first}-{it - 1}); stopped, {kept}")
+                                     f"(epoch {self.epoch + 1}, iterations {self.first}-{it - 1}); stopped, "
+                                     f"{kept_checkpoint(self.args.output_dir)}")
         self.totals += window
         w = window[1].item() / max(window[2].item(), 1)
         now = time.perf_counter()

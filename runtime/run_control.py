@@ -1,8 +1,8 @@
 """What keeps a training run alive, kept out of train.py's way (DINO keeps the same in utils.py).
 
 train.py holds the method: the step, the epoch, the schedules. Around them a run needs:
-- `launch`: the torchrun process group, SIGTERM / SIGINT handlers, one `error:` line per
-  failure and the exit status (0 done, 1 error, 143 SIGTERM, 130 Ctrl-C);
+- `launch`: the torchrun process group, the stop signals (runtime/signals.py), one `error:`
+  line per failure and the exit status (0 done, 1 error, 143 SIGTERM, 130 Ctrl-C, 129 SIGHUP);
 - `setup`: options checked, the checkpoint to resume read and compared with the options,
   data, model, optimizer, then the output folder, its lock and args.json;
 - `Run.end_epoch`: the checkpoint and the epoch's log line (on disk
@@ -12,9 +12,7 @@ The order after an epoch (save, then monitor) means a signal during the monitor 
 """
 import json
 import os
-import signal
 import sys
-import threading
 
 import torch
 
@@ -27,32 +25,22 @@ from runtime.checkpoint import (ConfigError, append_json, check_output_dir, chec
                                 write_json)
 from images.datasets import DataError
 from monitors.knn import knn_accuracy
-from images.loaders import build_knn_sets, build_train_loader, prepare_dataset
+from images.loaders import build_knn_sets, build_train_loader, prepare_dataset, worker_death
 from model import RESNETS, build_model
 from runtime.options import augment_path, check_args, runtime
-
-SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
-
+from runtime.signals import kept_checkpoint, preempted, stop_on_signals
 
 def launch(train, args) -> None:
     """Run train(args, env) in this torchrun process and exit with its status: 0 done,
-    128 + signal after a SIGTERM / Ctrl-C (saved, resumable), 1 with one `error:` line."""
-    env, previous, status = None, {}, 0
+    128 + signal after a SIGTERM / Ctrl-C / SIGHUP (saved, resumable), 1 with one `error:` line."""
+    env, status = None, 0
     try:
         try:
             env = distributed.init_distributed(args.device)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if threading.current_thread() is threading.main_thread():  # finish the step, save, exit
-
-            def on_signal(signum, _frame):
-                if env.stop.is_set():  # a second signal: stop at once (Python's own handling)
-                    signal.signal(signum, previous.get(signum, signal.SIG_DFL))
-                    signal.raise_signal(signum)
-                env.stop.signum = signum  # which signal: preempted() exits with 128 + signum
-                env.stop.set()
-            previous = {s: signal.signal(s, on_signal) for s in SIGNAL_NAMES}
-        status = train(args, env)
+        with stop_on_signals(env.stop, lambda: kept_checkpoint(args.output_dir)):  # finish the step, save
+            status = train(args, env)
     except distributed.OtherRankFailed:  # that rank prints the error line
         sys.exit(cli.EXIT_ERROR)
     except (ConfigError, DataError, FloatingPointError) as e:
@@ -61,20 +49,9 @@ def launch(train, args) -> None:
         cli.fail(e, show=env is None or env.main or isinstance(e, DataError),
                  rank=None if env is None or env.world_size == 1 else env.rank)
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
         distributed.cleanup()
     if status:
         sys.exit(status)
-
-
-def preempted(env, where: str) -> int:
-    """The line and exit status of a run stopped by a signal after saving what it had."""
-    signum = getattr(env.stop, "signum", signal.SIGTERM)
-    if env.main:
-        print(f"{SIGNAL_NAMES[signum]}: stopped {where}; rerun the same command to resume "
-              f"(exit status {128 + signum})")
-    return 128 + signum
 
 
 def find_checkpoint(args) -> tuple[str, dict]:
@@ -146,10 +123,13 @@ class Run:
     def __enter__(self):
         return self
 
-    def __exit__(self, exc_type, *_):
+    def __exit__(self, exc_type, exc, _traceback):
         if exc_type is None:
             distributed.barrier()  # every rank done before the process group goes
         self.close()
+        exc = worker_death(exc) or exc  # a dead worker may be reported from anywhere in the loop
+        if isinstance(exc, DataError) and self.lock is not None:  # mid-run: say what is on disk
+            raise DataError(f"{exc}; {kept_checkpoint(self.args.output_dir)}") from None
 
     def close(self) -> None:
         """Release the loaders' workers and the folder's lock (every exit path comes here)."""
@@ -159,13 +139,17 @@ class Run:
 
     def open_output(self, changes: list[str]) -> None:
         """Rank 0 creates the folder, takes its lock, writes args.json and logs accepted option
-        changes; every rank learns whether it could."""
+        changes; every rank learns whether it could. A launch with nothing to train (its
+        checkpoint is already at the last epoch asked for) touches no file, the lock's included:
+        args.json keeps describing the run that is on disk."""
+        if self.epoch >= self.end:
+            if self.env.main:
+                print(f"{self.save_path} is at epoch {self.epoch}: nothing to train (it stops after epoch "
+                      f"{self.end}: --epochs {self.args.epochs}, --stop-after-epoch {self.args.stop_after_epoch})")
+            return
         self.lock = on_main(self.env, claim_output_dir, self.args.output_dir, "training")
         on_main(self.env, write_json, os.path.join(self.args.output_dir, "args.json"), vars(self.args))
         on_main(self.env, log_changes, self.log_path, self.epoch + 1, changes)
-        if self.epoch >= self.end and self.env.main:
-            print(f"{self.save_path} is at epoch {self.epoch}: nothing to train (it stops after epoch {self.end}: "
-                  f"--epochs {self.args.epochs}, --stop-after-epoch {self.args.stop_after_epoch})")
 
     def state(self, epoch: int, step: int = 0) -> dict:
         """The checkpoint: (epoch, step) is where training continues."""

@@ -9,7 +9,7 @@ import torch
 
 from runtime import distributed
 from model import build_backbone
-from conftest import run_cli, fails_in_process, fake_checkpoint
+from conftest import ROOT, run_cli, fails_in_process, fake_checkpoint
 
 
 # ----------------------------------------------------------- eval_linear.py ---
@@ -248,7 +248,7 @@ BENCH_TINY = ["--device", "cpu", "--arch", "resnet18", "--image-size", "16", "--
 
 def test_bench_data_tiny_prints_json_last(tmp_path):
     res = run_cli("tools/bench.py", "--data", *BENCH_TINY, "--data-images", "4", "--data-steps", "2",
-                  "--data-workers", "0", "--loader-images", "4", "--out", str(tmp_path))
+                  "--data-workers", "0", "--loader-images", "4", "--warmup", "0", "--out", str(tmp_path))
     assert res.returncode == 0, res.stderr[-3000:]
     last = json.loads(res.stdout.strip().splitlines()[-1])
     for key in ("loader_pairs_per_s_per_worker", "loader_pairs_per_s_per_worker_pil", "augment_ms_per_batch_224",
@@ -261,7 +261,7 @@ def test_bench_data_tiny_prints_json_last(tmp_path):
 
 def test_bench_step_channels_last_writes_its_own_file(tmp_path):
     res = run_cli("tools/bench.py", *BENCH_TINY, "--scaling-queues", "32", "--scaling-k", "2", "--channels-last",
-                  "--out", str(tmp_path))
+                  "--warmup", "0", "--out", str(tmp_path))                # no warm-up is a fair request
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads((tmp_path / "bench_cpu_resnet18_channels_last.json").read_text())
     assert result["images_per_s"]["snclr"] > 0 and result["args"]["channels_last"]
@@ -301,3 +301,18 @@ def test_ablation_results_of_other_settings_are_refused_not_reused(tmp_path):
     gpu = ablations.get_args_parser().parse_args(["--results", str(tmp_path), "--epochs", "100", "--device", "cuda"])
     with pytest.raises(SystemExit, match="holds a run of other settings"):
         ablations.result("cosine", 0, gpu)
+
+
+# ------------------------------------------------------------------ tools/bench_gpu.sh ---
+def test_bench_gpu_smoke_runs_every_part_however_slow_the_machine(tmp_path):
+    """DEVICE=cpu SMOKE=1 checks that each part runs: with a budget of one second nothing may be
+    cut, timed out or failed (a busy machine is slow, not broken), and the table is printed."""
+    import os
+    import subprocess
+    env = {**os.environ, "DEVICE": "cpu", "SMOKE": "1", "BUDGET_S": "1", "OUT": str(tmp_path / "bench")}
+    res = subprocess.run(["bash", str(ROOT / "tools" / "bench_gpu.sh")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=1500)
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert "0 check(s) failed, 0 part(s) timed out or cut by the budget" in res.stdout
+    assert "skipped, the" not in res.stdout and "timed out" not in res.stdout.replace("timed out or cut", "")
+    assert "| SNCLR step, img/s" in res.stdout and (tmp_path / "bench" / "bench_gpu.log").is_file()

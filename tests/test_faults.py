@@ -7,14 +7,17 @@ import gzip
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, fails_in_process, fake_checkpoint, jpeg_folder, snapshot
+from runtime.checkpoint import read_log
+from conftest import ROOT, fails_in_process, fake_checkpoint, jpeg_folder, script_command, script_env, snapshot
 from conftest import run_cli as run_script
 
 HANG = 120  # seconds: a process that has printed its error and not exited by then hangs
@@ -412,3 +415,47 @@ def test_fashion_mnist_from_the_asked_folder_debian_or_a_download(tmp_path, monk
     # never called: the files are found first
     monkeypatch.setattr(datasets.torchvision.datasets, "FashionMNIST", urllib.error.URLError)
     assert datasets.fashion_mnist_root(str(asked), True) == str(asked)
+
+
+def test_a_checkpoint_with_forbidden_objects_is_refused_unrun_with_the_right_words(tmp_path):
+    """A torch file whose pickle calls os.system: the safe loader refuses it, nothing runs, and
+    the line says what it is (not 'truncated')."""
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+    torch.save({"model": Evil(), "optimizer": {}, "epoch": 1, "args": {}}, tmp_path / "evil.pth")
+    res = run_cli("eval_linear.py", str(tmp_path / "evil.pth"), "--knn", "--output-dir", str(tmp_path / "o"))
+    line = one_error_line(res)
+    assert "it holds objects other than tensors and dicts, and was not loaded" in line, line
+    assert not marker.exists() and not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------- a probe stopped by a signal ---
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_a_probe_stopped_by_a_signal_saves_inside_the_epoch_and_resumes(tmp_path, signum, status):
+    """eval_linear.py as a preempted job: the step finishes, the checkpoint holds the epoch and
+    step, one line says so, and the same command continues from there to the end."""
+    ckpt, out = fake_checkpoint(tmp_path / "c.pth"), tmp_path / "ev"
+    pre = torch.load(ckpt, weights_only=True)
+    pre["args"]["fake_size"] = 2048                                      # 256 steps of 8 an epoch
+    torch.save(pre, ckpt)
+    cmd = [ckpt, *EVAL, "--epochs", "2", "--workers", "1",
+           "--output-dir", str(out)]
+    proc = subprocess.Popen([*script_command("eval_linear.py"), *cmd], cwd=ROOT, env=script_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + HANG
+    while not (out / ".lock").exists() and time.time() < deadline:   # the data is read: training starts
+        time.sleep(0.1)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signum)
+    stdout, stderr = proc.communicate(timeout=HANG)
+    assert proc.returncode == status and "Traceback" not in stderr, (proc.returncode, stderr[-3000:])
+    assert "stopped at epoch 1, iteration" in stdout and "rerun the same command to resume" in stdout, stdout
+    saved = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert (saved["epoch"], 0 < saved["step_in_epoch"] < 256) == (0, True)
+    res = run_cli("eval_linear.py", *cmd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [e["epoch"] for e in read_log(out / "log.txt")] == [1, 2]
+    assert json.loads(res.stdout.strip().splitlines()[-1])["epochs"] == 2

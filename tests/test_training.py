@@ -80,11 +80,12 @@ def test_resume_equals_straight_run(tmp_path):
 
 
 @pytest.mark.parametrize("signum, status, said", [(signal.SIGTERM, 143, "SIGTERM: stopped"),
-                                                  (signal.SIGINT, 130, "Ctrl-C (SIGINT): stopped")])
+                                                  (signal.SIGINT, 130, "Ctrl-C (SIGINT): stopped"),
+                                                  (signal.SIGHUP, 129, "SIGHUP (the terminal closed): stopped")])
 def test_a_signal_saves_mid_epoch_and_resumes(tmp_path, signum, status, said):
-    """SIGTERM (cluster pre-emption) and Ctrl-C, sent to the whole process group as a terminal or
-    torchrun does (DataLoader workers included): the step finishes, the checkpoint is saved, one
-    line is printed, no traceback, and a rerun resumes."""
+    """SIGTERM (cluster pre-emption), Ctrl-C and SIGHUP (an ssh session closed), sent to the whole
+    process group as a terminal or torchrun does (DataLoader workers included): the step
+    finishes, the checkpoint is saved, one line is printed, no traceback, and a rerun resumes."""
     import time
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), *SMOKE, "--fake-size", "256", "--epochs", "20",
@@ -135,6 +136,10 @@ BAD_TRAIN_INPUT = [
     (["--warmup-epochs", "5", "--epochs", "2"], "--warmup-epochs 5 is longer than --epochs 2"),
     (["--dataset", "imagenet", "--data-path", "/nonexistent"], "/nonexistent/train"),
     (["--dataset", "fashion-mnist", "--data-path", "/nonexistent"], "dataset-fashion-mnist"),
+    (["--image-size", "1"], "--image-size 1: image size 1 is too small for resnet18 with the small stem: "
+                            "it needs at least 8 px"),
+    (["--image-size", "7", "--stem", "imagenet"], "too small for resnet18 with the imagenet stem"),
+    (["--arch", "vit_tiny", "--image-size", "4"], "too small for vit_tiny with the small stem: it needs at least 8"),
 ]
 
 
@@ -652,3 +657,119 @@ def test_a_checkpoint_whose_queue_has_no_labels_is_refused_by_name(tmp_path, cap
     line = fails_in_process(capsys, train.main, SMOKE + ["--epochs", "2", "--output-dir", str(tmp_path)])
     assert 'does not fit: Missing key(s) in state_dict: "queue.labels"' in line, line
     assert snapshot(tmp_path) == before
+
+
+# --------------------------------------------------------------- faults of the third round ---
+def start_run(out, *extra, workers="0"):
+    """train.py as a real process in its own process group (as a terminal starts it), printing a
+    plain line per step on stdout; (process, the lines it printed so far)."""
+    cmd = [sys.executable, str(ROOT / "train.py"), *SMOKE, "--knn-every", "0", "--print-freq", "1",
+           "--workers", workers, "--output-dir", str(out), *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_for_step(proc, epoch: int, timeout: float = 300.0) -> None:
+    """Read the run's stdout until it has printed a step line of `epoch` (1-based)."""
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        assert line, f"the run ended before epoch {epoch}: {proc.stderr.read()[-3000:]}"
+        if line.startswith(f"epoch {epoch}/"):
+            return
+    raise AssertionError(f"no step of epoch {epoch} within {timeout} s")
+
+
+def test_a_second_signal_stops_at_once_without_claiming_a_save(tmp_path):
+    """The first signal asks for a save; a second, before that step is done, stops at once:
+    status 1 (not 143, which says 'saved'), one line saying nothing was saved and what is kept,
+    and the checkpoint of the last epoch intact. Both arrive while the process is stopped, so
+    they are handled together, in signal-number order: Ctrl-C (2) first, then SIGTERM (15)."""
+    out = tmp_path / "run"
+    assert run_cli("train.py", *SMOKE, "--fake-size", "256", "--epochs", "1", "--knn-every", "0",
+                   "--output-dir", str(out)).returncode == 0
+    before = torch.load(out / "checkpoint.pth", weights_only=True)
+    proc = start_run(out, "--fake-size", "256", "--epochs", "3")
+    wait_for_step(proc, 2)
+    os.kill(proc.pid, signal.SIGSTOP)
+    os.kill(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, signal.SIGTERM)
+    os.kill(proc.pid, signal.SIGCONT)
+    stdout, stderr = proc.communicate(timeout=300)
+    lines = stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, (proc.returncode, stderr[-3000:])
+    assert lines[0] == (f"error: a second SIGTERM: stopped at once, without saving; the last checkpoint, "
+                        f"{out}/checkpoint.pth, is kept")
+    after = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert after["epoch"] == before["epoch"] == 1 and after["step_in_epoch"] == 0
+
+
+def test_a_data_worker_killed_ends_with_one_line_and_keeps_the_checkpoint(tmp_path):
+    """kill -9 of a DataLoader worker (what the kernel's OOM killer does): one `error:` line that
+    names the worker's death and the likely cause, the checkpoint of the last epoch kept, exit 1."""
+    out = tmp_path / "run"
+    more = ["--fake-size", "512"]
+    assert run_cli("train.py", *SMOKE, *more, "--epochs", "1", "--knn-every", "0", "--workers", "2",
+                   "--output-dir", str(out)).returncode == 0
+    before = (out / "checkpoint.pth").read_bytes()
+    proc = start_run(out, *more, "--epochs", "3", workers="2")
+    wait_for_step(proc, 2)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[0]), signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    lines = stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, (proc.returncode, stderr[-3000:])
+    assert lines[0].startswith(f"error: a DataLoader worker died (killed by signal: Killed), most likely the machine "
+                               f"ran out of memory"), lines[0]
+    assert lines[0].endswith(f"lower --workers or --batch-size; the last checkpoint, {out}/checkpoint.pth, is kept")
+    assert (out / "checkpoint.pth").read_bytes() == before
+
+
+def test_a_finished_run_rerun_with_fewer_epochs_changes_no_file(smoke_run, tmp_path, capsys):
+    """Nothing to train: the run's files (args.json included) stay as the run left them."""
+    import train
+    run = copy_run(smoke_run, tmp_path / "run")
+    before = snapshot(run)
+    train.main(SMOKE + ["--epochs", "1", "--workers", "1", "--print-freq", "5", "--output-dir", str(run)])
+    assert "nothing to train" in capsys.readouterr().out
+    assert snapshot(run) == before
+
+
+def test_an_append_after_a_cut_line_starts_a_new_line_and_readers_skip_the_fragment(tmp_path, capsys):
+    """log.txt's last line cut short (a kill or a full disk mid-write), then the run continued:
+    the next record starts on a line of its own, the reader skips and counts the fragment, and
+    the curves are drawn."""
+    import train
+    from tools import visualize
+    out = tmp_path / "run"
+    train.main(SMOKE + ["--epochs", "1", "--output-dir", str(out)])
+    log = out / "log.txt"
+    text = log.read_bytes()
+    log.write_bytes(text[:-12])                                        # the epoch's kNN line, cut
+    train.main(SMOKE + ["--epochs", "2", "--output-dir", str(out)])
+    lines = log.read_text().splitlines()
+    assert sum(1 for line in lines if not line.endswith("}")) == 1     # the fragment alone, on its own line
+    entries = read_log(log)
+    assert [e["epoch"] for e in entries] == [0, 1, 2] and entries.broken == 1
+    assert "knn_top1" in entries[2] and "loss" in entries[1]
+    capsys.readouterr()
+    visualize.main(["curves", str(log), "--out", str(tmp_path / "curves.png")])
+    assert "1 broken line(s) skipped" in capsys.readouterr().out and (tmp_path / "curves.png").is_file()
+
+
+def test_the_same_signal_twice_at_once_is_one_request_and_saves(tmp_path):
+    """SLURM signals every process of a job step and torchrun passes the signal on: a rank
+    gets SIGTERM twice within milliseconds. That is one request: the step finishes, the run
+    saves and exits 143."""
+    import time
+    out = tmp_path / "run"
+    proc = start_run(out, "--fake-size", "256", "--epochs", "3")
+    wait_for_step(proc, 1)
+    os.kill(proc.pid, signal.SIGTERM)
+    time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143 and "SIGTERM: stopped at epoch 1" in stdout, (proc.returncode, stderr[-3000:])
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["step_in_epoch"] > 0

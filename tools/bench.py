@@ -73,8 +73,8 @@ def get_args_parser():
     a("--dim", type=positive_int, default=256)
     a("--mlp-dim", type=positive_int, default=4096)
     a("--repeats", type=positive_int, default=5, help="timed calls per figure, median taken")
-    a("--warmup", type=positive_int, default=None, help="untimed steps first (step benchmark: pairs of "
-      "steps; --data: steps of the fixed-batch loop); default 1, or 5 with --compile so that "
+    a("--warmup", type=nonneg_int, default=None, help="untimed steps first, 0 for none (step benchmark: "
+      "pairs of steps; --data: steps of the fixed-batch loop); default 1, or 5 with --compile so that "
       "compilation stays out of the timing")
     a("--scaling-queues", type=positive_int, nargs="+", default=[4096, 16384, 65536, 262144, 1048576])
     a("--scaling-k", type=positive_int, nargs="+", default=[1, 5, 30, 100])

@@ -38,6 +38,24 @@ BLUE, ORANGE = (40, 90, 200), (200, 90, 40)
 BANK_SIZE = 10000  # default bank (all training images if fewer)
 
 
+# ---------------------------------------------------------------------------------- text ---
+SPACE = 4  # px between words: Pillow's default font draws a space 2 px wide, so words run together
+
+
+def write(draw, xy, text: str, fill) -> None:
+    """text at xy, word by word, with SPACE pixels between words (any font, any Pillow)."""
+    x, y = xy
+    for word in text.split(" "):
+        if word:
+            draw.text((x, y), word, fill=fill)
+        x += draw.textlength(word) + SPACE
+
+
+def text_width(draw, text: str) -> float:
+    """The width `write` gives text."""
+    return sum(draw.textlength(word) for word in text.split(" ")) + SPACE * text.count(" ")
+
+
 # -------------------------------------------------------------------------------- output ---
 def check_out(out: str, inputs=()) -> str:
     """The Pillow format for --out; ConfigError unless out can be written without harm: an
@@ -183,18 +201,18 @@ def neighbor_grid(args, side: int = 64) -> None:
     cell_w, cell_h = side + 2 * pad, side + 2 * pad + text_h
     canvas = Image.new("RGB", ((k + 1) * cell_w + pad, queries * cell_h + 20), WHITE)
     draw = ImageDraw.Draw(canvas)
-    draw.text((pad, 4), f"query | {k} nearest of {len(bank)} train images | w: {positiveness_name(a)} "
+    write(draw, (pad, 4), f"query | {k} nearest of {len(bank)} train images | w: {positiveness_name(a)} "
                         f"| green: same class", fill=BLACK)
     for r in range(queries):
         top = 20 + r * cell_h
         canvas.paste(to_pil(test[r][0], a["dataset"], side), (pad, top + pad))
-        draw.text((pad, top + side + pad + 1), "query", fill=BLACK)
+        write(draw, (pad, top + side + pad + 1), "query", fill=BLACK)
         for c in range(k):
             left, j = (c + 1) * cell_w + pad, int(idx[r, c])
             colour = GREEN if int(bank_y[j]) == int(query_y[r]) else RED
             draw.rectangle([left - 3, top + pad - 3, left + side + 2, top + pad + side + 2], outline=colour, width=3)
             canvas.paste(to_pil(bank[j][0], a["dataset"], side), (left, top + pad))
-            draw.text((left, top + side + pad + 2), f"w={float(w[r, c]):.3f}", fill=BLACK)
+            write(draw, (left, top + side + pad + 2), f"w={float(w[r, c]):.3f}", fill=BLACK)
     save_image(canvas, args.out, fmt)
     same = (bank_y[idx] == query_y[:, None]).float().mean().item()
     print(f"wrote {args.out}: {queries} queries x {k} neighbors, {100 * same:.1f}% of neighbors share the class")
@@ -237,24 +255,24 @@ def histogram_panel(draw, box, groups, lo: float, hi: float, bins: int = 30, mar
     for i in range(5):  # x ticks
         x = lo + (hi - lo) * i / 4
         draw.line([(px(x), bottom), (px(x), bottom + 4)], fill=BLACK)
-        draw.text((px(x) - 22, bottom + 6), f"{x:.{digits}f}", fill=BLACK)
+        write(draw, (px(x) - 22, bottom + 6), f"{x:.{digits}f}", fill=BLACK)
     if marker is not None and lo <= marker <= hi:
         for y0 in range(top, bottom, 8):
             draw.line([(px(marker), y0), (px(marker), min(y0 + 4, bottom))], fill=GREY)
-        draw.text((px(marker) + 3, top), "1/K", fill=GREY)
-    draw.text(((left + right) / 2 - 40, bottom + 22), "positiveness w", fill=BLACK)
+        write(draw, (px(marker) + 3, top), "1/K", fill=GREY)
+    write(draw, ((left + right) / 2 - 40, bottom + 22), "positiveness w", fill=BLACK)
     legend(draw, left, bottom + 40, [(label, colour) for label, _, colour in groups])
-    draw.text((left - 50, top - 16), "share of the group's pairs", fill=BLACK)
-    draw.text((left - 40, top - 4), f"{peak:.0%}", fill=BLACK)
-    draw.text((left - 20, bottom - 6), "0", fill=BLACK)
+    write(draw, (left - 50, top - 16), "share of the group's pairs", fill=BLACK)
+    write(draw, (left - 40, top - 4), f"{peak:.0%}", fill=BLACK)
+    write(draw, (left - 20, bottom - 6), "0", fill=BLACK)
 
 
 def legend(draw, left: float, y: float, entries) -> None:
     """Colour boxes with their labels, side by side on one line from (left, y)."""
     for label, colour in entries:
         draw.rectangle([left, y, left + 10, y + 10], fill=colour)
-        draw.text((left + 14, y - 1), label, fill=BLACK)
-        left += 14 + draw.textlength(label) + 24
+        write(draw, (left + 14, y - 1), label, fill=BLACK)
+        left += 14 + text_width(draw, label) + 24
 
 
 def histogram_range(w: torch.Tensor, tail: float = 0.005) -> tuple[float, float]:
@@ -283,15 +301,15 @@ def calibration(args) -> None:
     w = w.clamp(lo, hi)  # the few values beyond the range count in the end bins
     canvas = Image.new("RGB", (760, 460), WHITE)
     draw = ImageDraw.Draw(canvas)
-    draw.text((20, 8), f"w of each test query's K = {k} nearest keys among {len(bank)} train images "
+    write(draw, (20, 8), f"w of each test query's K = {k} nearest keys among {len(bank)} train images "
                        f"({len(test)} queries, {positiveness_name(a)} positiveness)", fill=BLACK)
-    draw.text((20, 24), f"mean w: same class {show(f['w_same'])}, other class {show(f['w_other'])}; "
+    write(draw, (20, 24), f"mean w: same class {show(f['w_same'])}, other class {show(f['w_other'])}; "
                         f"AUROC same vs other {show(f['auroc'], 3)} (0.5 = chance)", fill=BLACK)
     histogram_panel(draw, (80, 80, 730, 380), [(f"same class ({f['same']} pairs)", w[same], GREEN),
                                                (f"other class ({f['other']} pairs)", w[~same], RED)],
                     lo, hi, marker=1.0 / k)
     if clipped:
-        draw.text((400, 420), f"{clipped} values beyond the range are counted in the end bins", fill=GREY)
+        write(draw, (400, 420), f"{clipped} values beyond the range are counted in the end bins", fill=GREY)
     save_image(canvas, args.out, fmt)
     print(f"wrote {args.out}: K={k}, {len(test)} queries x {k} neighbors in a bank of {len(bank)}: "
           f"{100 * f['same'] / same.numel():.1f}% same class; mean w same class {show(f['w_same'])}, "
@@ -304,7 +322,7 @@ def line_panel(draw, box, series, title: str, baseline=None) -> None:
     per series = [(label, xs, ys, colour)], a legend naming them by colour when there are
     several (under the panel), and an optional dashed baseline (the random-init kNN figure)."""
     left, top, right, bottom = box
-    draw.text((left, top - 16), title, fill=BLACK)
+    write(draw, (left, top - 16), title, fill=BLACK)
     draw.line([(left, top), (left, bottom), (right, bottom)], fill=BLACK)
     xs_all = [x for _, xs, _, _ in series for x in xs]
     ys_all = [y for _, _, ys, _ in series for y in ys] + ([baseline] if baseline is not None else [])
@@ -316,7 +334,7 @@ def line_panel(draw, box, series, title: str, baseline=None) -> None:
     if baseline is not None:
         for x0 in range(left, right, 8):  # dashed line: the random-init value
             draw.line([(x0, py(baseline)), (min(x0 + 4, right), py(baseline))], fill=GREY)
-        draw.text((right - 120, py(baseline) - 13), f"random init {baseline:.2f}", fill=GREY)
+        write(draw, (right - 120, py(baseline) - 13), f"random init {baseline:.2f}", fill=GREY)
     for _, xs, ys, colour in series:
         pts = [(px(x), py(y)) for x, y in zip(xs, ys)]
         if len(pts) > 1:
@@ -324,11 +342,17 @@ def line_panel(draw, box, series, title: str, baseline=None) -> None:
         for x, y in pts:
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
     if len(series) > 1:
-        legend(draw, left, bottom + 20, [(label, colour) for label, _, _, colour in series])
-    draw.text((left - 44, top - 6), f"{hi:.2f}", fill=BLACK)
-    draw.text((left - 44, bottom - 6), f"{lo:.2f}", fill=BLACK)
-    draw.text((left, bottom + 4), f"epoch {x_lo:g}", fill=BLACK)
-    draw.text((right - 50, bottom + 4), f"epoch {x_hi:g}", fill=BLACK)
+        legend(draw, left, bottom + 30, [(label, colour) for label, _, _, colour in series])
+    for i in range(5):  # y ticks: min, max and three between
+        y = lo + (hi - lo) * i / 4
+        draw.line([(left - 4, py(y)), (left, py(y))], fill=BLACK)
+        write(draw, (left - 8 - text_width(draw, f"{y:.2f}"), py(y) - 6), f"{y:.2f}", BLACK)
+    epochs = sorted(set(xs_all))
+    every = max(1, math.ceil(len(epochs) / 10))  # at most about ten labelled epochs
+    for x in epochs[::every]:  # x ticks: the logged epochs
+        draw.line([(px(x), bottom), (px(x), bottom + 4)], fill=BLACK)
+        write(draw, (px(x) - text_width(draw, f"{x:g}") / 2, bottom + 6), f"{x:g}", BLACK)
+    write(draw, ((left + right) / 2 - 15, bottom + 18), "epoch", BLACK)
 
 
 def read_train_log(path: str) -> list:
@@ -338,7 +362,10 @@ def read_train_log(path: str) -> list:
     if not os.path.isfile(path):
         raise ConfigError(f"log {path}: no such file")
     try:
-        return read_log(path)
+        log = read_log(path)
+        if log.broken:
+            print(f"{path}: {log.broken} broken line(s) skipped (a write cut short)")
+        return log
     except OSError as e:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from None
     except (ValueError, KeyError, TypeError):  # not text, not JSON, or JSON lines without an epoch
