@@ -425,6 +425,10 @@ def run(args, env) -> dict:
         check_eval_output_dir(out_dir, args.output_dir is not None, args.checkpoint)
     backbone, dim, pre, (pre_epoch, pre_step) = load_backbone(args.checkpoint, args.arch, args.random_init,
                                                                args.seed)
+    if mode != "export" and (args.dataset or pre["dataset"]) == "unlabelled":
+        raise ConfigError(f"evaluation needs labels, and {args.checkpoint} was pretrained on --dataset unlabelled "
+                          f"({pre['data_path']}); give --dataset folder --data-path DIR, with DIR/train and "
+                          f"DIR/val holding one folder per class")
     if mode == "export":  # one writer: every rank holds the same weights
         on_main(env, export_backbone, backbone, args.export)
         result = {"export": args.export, "arch": pre["arch"], "stem": pre.get("stem", "auto"),

@@ -242,10 +242,9 @@ class SNCLR(nn.Module):
         """forward's gathered inputs: keys (N, D), neighbors (N, K, D), this rank's rows in N."""
         N, D = keys.shape[0], self.queue.dim
         if keys.shape != (N, D) or neighbors.shape[::2] != (N, D) or not 0 <= rank < N // B:
-            raise ValueError(f"expected keys (N, D={D}) and neighbors (N, K, D) with this rank's "
-                             f"rows [{rank * B}, {(rank + 1) * B}) inside N, got keys "
-                             f"{tuple(keys.shape)}, neighbors {tuple(neighbors.shape)}, "
-                             f"rank {rank}")
+            raise ValueError(f"expected keys (N, D={D}) and neighbors (N, K, D) with rows "
+                             f"[{rank * B}, {(rank + 1) * B}) of rank {rank} inside N, got keys "
+                             f"{tuple(keys.shape)}, neighbors {tuple(neighbors.shape)}")
 
 
 def build_model(a: dict) -> SNCLR:

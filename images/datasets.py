@@ -1,8 +1,9 @@
 """Datasets and augmentations: the two asymmetric views of BYOL / MoCo v3 and the eval transforms.
 
 Datasets: cifar10, cifar100 (torchvision, downloaded when a network exists), imagenet and any
-`folder` (ImageFolder over DATA_PATH/train and DATA_PATH/val, which must hold the same class
-folders), fashion-mnist (read straight from the IDX files, .gz or not, so Debian's
+`folder` (DATA_PATH/train and DATA_PATH/val, one sub-folder per class, the same classes in
+both), `unlabelled` (every image under DATA_PATH at any depth, no labels, no val: images/folders.py
+lists them), fashion-mnist (read straight from the IDX files, .gz or not, so Debian's
 `dataset-fashion-mnist` package works offline; without it torchvision downloads them where a
 network exists: fashion_mnist_root) and `fake` (torchvision FakeData, for smoke tests).
 
@@ -24,10 +25,13 @@ from PIL import Image, ImageFilter
 import torchvision
 from torchvision import transforms
 
-DATASETS = ("imagenet", "cifar10", "cifar100", "fashion-mnist", "folder", "fake")
+from images.folders import IMAGE_EXTENSIONS, ClassFolders, ImageFiles
+
+DATASETS = ("imagenet", "cifar10", "cifar100", "fashion-mnist", "folder", "unlabelled", "fake")
+FILE_SETS = ("imagenet", "folder", "unlabelled")  # read from folders of image files (images/folders.py)
 NUM_CLASSES = {"imagenet": 1000, "cifar10": 10, "cifar100": 100, "fashion-mnist": 10, "fake": 10}
-IMAGE_SIZE = {"imagenet": 224, "folder": 224, "cifar10": 32, "cifar100": 32, "fashion-mnist": 28,
-              "fake": 32}
+IMAGE_SIZE = {"imagenet": 224, "folder": 224, "unlabelled": 224, "cifar10": 32, "cifar100": 32,
+              "fashion-mnist": 28, "fake": 32}
 # Per-channel statistics of each training set (ImageNet's for folders and fake data).
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -278,15 +282,44 @@ def build_dataset(name: str, root: str, train: bool, transform, download: bool =
         return FashionMNIST(fashion_mnist_root(root, download), train, transform)
     if name in ("cifar10", "cifar100"):
         return _cifar(name, root, train, transform, download)
+    check_folders(name, root, train)
+    if name == "unlabelled":
+        return unlabelled_images(root, transform)
+    folder = os.path.join(root, "train" if train else "val")
+    images = ClassFolders(folder, transform)
+    if not images.samples:
+        raise DataError(f"{folder} holds no images in class sub-folders (files ending in "
+                        f"{', '.join(IMAGE_EXTENSIONS)}, at any depth)")
+    return images
+
+
+def check_folders(name: str, root: str, train: bool = True) -> None:
+    """The folders a file-backed data set reads exist (nothing listed yet): DATA_PATH for
+    unlabelled (which has no test split), DATA_PATH/train or /val with the same classes else."""
+    if name == "unlabelled":
+        if not train:
+            raise DataError(f"--dataset unlabelled has no test split: labels are needed for that; give a "
+                            f"labelled --dataset folder (DIR/train and DIR/val, one folder per class)")
+        if os.path.isfile(root):
+            raise DataError(f"--data-path {root} is a file; give the folder that holds the images")
+        if not os.path.isdir(root):
+            raise DataError(f"--data-path {root} does not exist; give the folder that holds the images")
+        return
     folder = os.path.join(root, "train" if train else "val")
     if not os.path.isdir(folder):
         raise DataError(f"--dataset {name} expects ImageFolder directories {root}/train and "
-                        f"{root}/val (one sub-folder per class); {folder!r} does not exist")
+                        f"{root}/val (one sub-folder per class); {folder!r} does not exist; "
+                        f"--dataset unlabelled reads a folder of images without classes")
     check_same_classes(root)
-    try:
-        return torchvision.datasets.ImageFolder(folder, transform)
-    except FileNotFoundError as e:  # no class folders, or no image in them
-        raise DataError(f"{folder} holds no images in class sub-folders ({_flat(e)})") from None
+
+
+def unlabelled_images(root: str, transform) -> ImageFiles:
+    """Every image under root (images/folders.py), as the training set."""
+    images = ImageFiles(root, transform)
+    if not images.samples:
+        raise DataError(f"{root} holds no image files (names ending in {', '.join(IMAGE_EXTENSIONS)}, "
+                        f"at any depth; hidden files and folders are skipped)")
+    return images
 
 
 def check_same_classes(root: str) -> None:
@@ -297,7 +330,8 @@ def check_same_classes(root: str) -> None:
     splits = [os.path.join(root, split) for split in ("train", "val")]
     if not all(os.path.isdir(split) for split in splits):
         return
-    train, val = ({entry.name for entry in os.scandir(split) if entry.is_dir()} for split in splits)
+    train, val = ({entry.name for entry in os.scandir(split) if entry.is_dir() and not entry.name.startswith(".")}
+                  for split in splits)
     if train != val:
         missing = [f"{split} lacks {', '.join(sorted(names))}" for split, names in
                    ((splits[1], train - val), (splits[0], val - train)) if names]
@@ -335,6 +369,19 @@ class SkipUnreadable(torch.utils.data.Dataset):
     def path(self, i: int) -> str:
         samples = getattr(self.dataset, "samples", None)
         return samples[i][0] if samples else f"item {i} of {type(self.dataset).__name__}"
+
+    def check_any_readable(self) -> None:
+        """A DataError naming the folder when no image can be read at all, found by reading up
+        to the first readable one (one read, normally) without a warning per file."""
+        for i in range(len(self.dataset)):
+            try:
+                self.dataset[i]
+                return
+            except UNREADABLE:
+                continue
+        where = getattr(self.dataset, "root", type(self.dataset).__name__)
+        raise DataError(f"none of the {len(self.dataset)} image files under {where} can be read "
+                        f"(truncated, or not images); check the folder")
 
     def __getitem__(self, i: int):
         for j in range(i, i + len(self.dataset)):

@@ -20,6 +20,7 @@ randomness is seeded by (seed, epoch, index) and each step's batched augmentatio
 epoch, step, rank), so the number of workers does not change a run and a resumed epoch repeats
 the interrupted one exactly.
 """
+import copy
 import hashlib
 import math
 import os
@@ -28,10 +29,11 @@ import numpy as np
 import torch
 
 from images import augment
-from runtime.distributed import agree, on_main
-from images.datasets import (IMAGENET_MEAN_STD, MEAN_STD, NUM_CLASSES, CropToUint8, DataError, EpochSampler,
-                             FashionMNIST, SkipUnreadable, TwoViews, build_dataset, eval_transform,
-                             fixed_subset, ignore_stop_signals, two_view_transforms)
+from images.folders import list_digest
+from runtime.distributed import agree, all_gather, on_main
+from images.datasets import (FILE_SETS, IMAGENET_MEAN_STD, MEAN_STD, NUM_CLASSES, CropToUint8, DataError,
+                             EpochSampler, FashionMNIST, SkipUnreadable, TwoViews, build_dataset, check_folders,
+                             eval_transform, fixed_subset, ignore_stop_signals, two_view_transforms)
 
 RESIDENT = ("fashion-mnist", "cifar10", "cifar100", "fake")  # held on the device by the batched path
 AUGMENT_DEVICES = ("auto", "workers", "cpu", "cuda")
@@ -248,9 +250,12 @@ def build_train_loader(args, env, path: str) -> "TrainLoader":
         transform = None if resident else TwoViews(*[CropToUint8(args.image_size, args.crop_min)] * 2)
     skipping = SkipUnreadable(build_dataset(args.dataset, args.data_path, True, transform, False, args.fake_size,
                                             args.image_size), strict=args.strict_data)
+    digest = same_listing_on_every_rank(skipping.dataset, args.data_path, env)
+    skipping.check_any_readable()
     train_set = fixed_subset(skipping, args.subset, args.seed)
     if len(train_set) < args.batch_size:
-        raise DataError(f"{len(train_set)} training images are fewer than one --batch-size {args.batch_size}")
+        raise DataError(f"{len(train_set)} training images are fewer than one --batch-size {args.batch_size} "
+                        f"({args.data_path}): use a smaller --batch-size or more images")
     sampler = EpochSampler(torch.utils.data.DistributedSampler(train_set, env.world_size, env.rank, shuffle=True,
                                                                seed=args.seed, drop_last=True))
     mean_std = MEAN_STD.get(args.dataset, IMAGENET_MEAN_STD)
@@ -268,7 +273,7 @@ def build_train_loader(args, env, path: str) -> "TrainLoader":
         source = ResidentImages(images.to(dev), labels.to(dev), sampler, batch)
         views = DeviceAugmented(source, sampler, dev, args.image_size, args.crop_min, mean_std, args.seed,
                                 env.rank, crop=True, batch=batch, compiled=compiled)
-        return TrainLoader(views, sampler, batch)
+        return TrainLoader(views, sampler, batch, digest=digest)
     prefetch, error = None, None
     if args.workers > 0:  # every rank on the node shares /dev/shm; all ranks must agree to go on
         try:
@@ -283,25 +288,57 @@ def build_train_loader(args, env, path: str) -> "TrainLoader":
                                          prefetch_factor=prefetch)
     views = DeviceAugmented(loader, sampler, dev, args.image_size, args.crop_min, mean_std, args.seed, env.rank,
                             crop=False, batch=batch, compiled=compiled) if batched else PILBatches(loader, dev)
-    return TrainLoader(views, sampler, batch, skipping, loader)
+    return TrainLoader(views, sampler, batch, skipping, loader, digest)
+
+
+def same_listing_on_every_rank(dataset, path: str, env):
+    """The digest of a file-backed data set's listing (images/folders.py), the same on every
+    rank or one error line: ranks that see different files would train on different images
+    under the same indices. None for the other data sets."""
+    files = getattr(dataset, "files", None)
+    if files is None:
+        return None
+    digest = list_digest(files)
+    mine = torch.tensor([len(files), int(digest[:15], 16)], device=env.device)
+    every = all_gather(mine[None]).view(-1, 2).tolist()                  # (ranks, 2)
+    if any(row != every[0] for row in every):
+        counts = ", ".join(f"rank {r}: {n} files" for r, (n, _) in enumerate(every))
+        agree(DataError(f"the ranks list different files under {path} ({counts}); every node must see the "
+                        f"same folder: a shared file system, or the same copy on each") if env.main else None,
+              env.device)
+    return digest
 
 
 def prepare_dataset(args, env) -> None:
-    """Rank 0 downloads first (when the dataset can be, and a network exists); every rank
-    learns whether that failed (this is also the barrier after the download)."""
-    on_main(env, build_dataset, args.dataset, args.data_path, True, None, True, args.fake_size, args.image_size)
+    """Rank 0 downloads first (when the dataset can be, and a network exists), or checks that
+    the folders of a file-backed set exist (their files are listed once, by build_train_loader);
+    every rank learns whether that failed (this is also the barrier after the download)."""
+    if args.dataset in FILE_SETS:
+        on_main(env, check_folders, args.dataset, args.data_path)
+    else:
+        on_main(env, build_dataset, args.dataset, args.data_path, True, None, True, args.fake_size,
+                args.image_size)
 
 
-def build_knn_sets(args):
+def build_knn_sets(args, listed=None):
     """The kNN monitor's bank (train split) and queries (test split), eval transform, fixed
     subsets of --knn-train-size / --knn-test-size; and the number of classes. An unreadable
-    bank image is skipped (unless --strict-data), an unreadable test image is an error naming it."""
-    t = eval_transform(args.dataset, args.image_size)
-    bank = SkipUnreadable(build_dataset(args.dataset, args.data_path, True, t, False, args.fake_size, args.image_size),
-                          strict=args.strict_data)
-    test = SkipUnreadable(build_dataset(args.dataset, args.data_path, False, t, False, args.fake_size,
-                                        args.image_size), strict=True)
-    num_classes = NUM_CLASSES.get(args.dataset) or len(bank.dataset.classes)
+    bank image is skipped (unless --strict-data), an unreadable test image is an error naming it.
+    --monitor-path DIR: a labelled folder (DIR/train, DIR/val) instead of the training data;
+    (None, 0) for training data without labels and no such folder: no kNN monitor. listed: the
+    training set as build_train_loader read it; its file listing is reused for the bank."""
+    name, root = ("folder", args.monitor_path) if args.monitor_path else (args.dataset, args.data_path)
+    if name == "unlabelled":
+        return None, 0
+    t = eval_transform(name, args.image_size)
+    if hasattr(listed, "files") and not args.monitor_path:  # the training files, listed once
+        bank_set = copy.copy(listed)
+        bank_set.transform = t
+    else:
+        bank_set = build_dataset(name, root, True, t, False, args.fake_size, args.image_size)
+    bank = SkipUnreadable(bank_set, strict=args.strict_data)
+    test = SkipUnreadable(build_dataset(name, root, False, t, False, args.fake_size, args.image_size), strict=True)
+    num_classes = NUM_CLASSES.get(name) or len(bank.dataset.classes)
     return (fixed_subset(bank, args.knn_train_size, args.seed, "--knn-train-size"),
             fixed_subset(test, args.knn_test_size, args.seed, "--knn-test-size")), num_classes
 
@@ -327,9 +364,11 @@ class TrainLoader:
     steps start_step .. steps - 1. `steps` is the number of steps of a whole epoch."""
 
     def __init__(self, batches, sampler: EpochSampler, batch: int, skipping: SkipUnreadable = None,
-                 dataloader: torch.utils.data.DataLoader = None):
+                 dataloader: torch.utils.data.DataLoader = None, digest: str = None):
         self.batches, self.sampler, self.batch, self.skipping = batches, sampler, batch, skipping
-        self.dataloader = dataloader
+        self.dataloader, self.digest = dataloader, digest  # digest: of the file listing, or None
+        self.dataset = skipping.dataset if skipping is not None else None  # the images as read
+        self.images = len(sampler.base.dataset)
         self.steps = len(sampler.base) // batch
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:

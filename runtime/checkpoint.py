@@ -192,7 +192,7 @@ def load_state(module, state: dict, what: str) -> None:
 # checkpoint's options is refused unless --allow-changed-args is given.
 FREE_ON_RESUME = ("output_dir", "resume", "data_path", "workers", "print_freq", "compile", "knn_every", "knn_k",
                   "knn_t", "knn_train_size", "knn_test_size", "epochs", "stop_after_epoch", "allow_changed_args",
-                  "strict_data", "compile_mode")
+                  "strict_data", "compile_mode", "monitor_path")
 
 
 def changed_args(saved: dict, current: dict, free=FREE_ON_RESUME) -> list[str]:

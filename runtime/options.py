@@ -79,7 +79,8 @@ def get_args_parser() -> argparse.ArgumentParser:
       "images such as the Fashion-MNIST demo on the resident data path; one process)")
     # data
     a("--dataset", default="imagenet", choices=DATASETS, help="imagenet and folder read DATA_PATH/train "
-      "and DATA_PATH/val; cifar downloads when a network exists; fake needs no data")
+      "and DATA_PATH/val (one folder per class); unlabelled: every image under DATA_PATH at any depth, no "
+      "labels (the monitors need --monitor-path); cifar downloads when a network exists; fake needs no data")
     a("--data-path", default=None, help=f"dataset root (stored absolute); default ./data, or "
       f"{FASHION_MNIST_DEB} for fashion-mnist when Debian's dataset-fashion-mnist is installed")
     a("--image-size", type=positive_int, default=None, help="default: 224 ImageNet/folder, 32 CIFAR/fake, "
@@ -95,6 +96,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--strict-data", action="store_true", help="stop at an unreadable training image instead of "
       "skipping it (skips are counted in log.txt)")
     # monitor, output, runtime
+    a("--monitor-path", default=None, help="a labelled folder DIR (DIR/train, DIR/val, one folder per "
+      "class) for the kNN monitor instead of the training data, e.g. beside --dataset unlabelled")
     a("--knn-every", type=nonneg_int, default=1, help="kNN monitor every N epochs (0 = only before and after)")
     a("--knn-k", type=positive_int, default=200, help="kNN neighbors (InstDisc)")
     a("--knn-t", type=positive_float, default=0.07, help="kNN vote temperature (InstDisc)")
@@ -135,6 +138,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     debian = args.dataset == "fashion-mnist" and debian_fashion_mnist()  # else read from or downloaded to ./data
     data_path = args.data_path or (FASHION_MNIST_DEB if debian else "data")
     out["data_path"] = os.path.abspath(data_path)  # so evaluation finds it from any folder
+    if args.monitor_path:
+        out["monitor_path"] = os.path.abspath(args.monitor_path)
     if out["image_size"] is None:
         out["image_size"] = IMAGE_SIZE[args.dataset]
     bank, queries = KNN_SUBSETS.get(args.dataset, (0, 0))

@@ -114,7 +114,10 @@ class Run:
         self.epoch, self.start_it = start
         self.end = min(args.epochs, args.stop_after_epoch or args.epochs)
         self.baseline = ckpt.get("knn_random_init") if ckpt else None
-        self.labelled = num_classes > 1  # one class: no labels to compare neighbors with
+        # labels of the training images (the queue's), for the neighbor quality: not with
+        # --dataset unlabelled, nor with one class
+        self.labelled = num_classes > 1 and args.dataset != "unlabelled"
+        self.resumed = ""  # what a resume continues from: said at start and logged
         self.stopper = distributed.StopAgreement(env.stop, env.device)
         self.log_path = os.path.join(args.output_dir, "log.txt")
         self.save_path = os.path.join(args.output_dir, "checkpoint.pth")
@@ -142,6 +145,10 @@ class Run:
         changes; every rank learns whether it could. A launch with nothing to train (its
         checkpoint is already at the last epoch asked for) touches no file, the lock's included:
         args.json keeps describing the run that is on disk."""
+        if self.env.main:
+            for line in [self.resumed] + monitors_off(self.args, self.knn_sets is not None):
+                if line:
+                    print(line, flush=True)
         if self.epoch >= self.end:
             if self.env.main:
                 print(f"{self.save_path} is at epoch {self.epoch}: nothing to train (it stops after epoch "
@@ -150,13 +157,16 @@ class Run:
         self.lock = on_main(self.env, claim_output_dir, self.args.output_dir, "training")
         on_main(self.env, write_json, os.path.join(self.args.output_dir, "args.json"), vars(self.args))
         on_main(self.env, log_changes, self.log_path, self.epoch + 1, changes)
+        if self.resumed:
+            on_main(self.env, append_json, self.log_path, {"epoch": self.epoch + 1, "resumed": self.resumed})
 
     def state(self, epoch: int, step: int = 0) -> dict:
         """The checkpoint: (epoch, step) is where training continues."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": epoch, "step_in_epoch": step,
                 "knn_random_init": self.baseline, "args": vars(self.args), "world_size": self.env.world_size,
-                "runtime": runtime(self.args, self.env), "train_images": len(self.loader.sampler.base.dataset)}
+                "runtime": runtime(self.args, self.env), "train_images": self.loader.images,
+                "train_list_sha256": self.loader.digest}
 
     def save(self, epoch: int, step: int = 0, log: dict = None) -> None:
         """Rank 0 writes the checkpoint, then the epoch's log line (so both are on disk before the
@@ -173,7 +183,7 @@ class Run:
 
     def monitor(self, tag: str):
         """kNN top-1 of the online encoder f (eval mode; training mode is restored); None when a
-        signal interrupted it."""
+        signal interrupted it. Called only with a labelled set (knn_sets)."""
         a, env = self.args, self.env
         acc = knn_accuracy(self.model.backbone, *self.knn_sets, self.num_classes,
                            max(a.batch_size // env.world_size, 64), a.workers, env.device, env.rank,
@@ -184,7 +194,7 @@ class Run:
 
     def measure_baseline(self) -> bool:
         """A new run measures its random-init kNN first; False when a signal interrupted it."""
-        if self.epoch or self.start_it:
+        if self.epoch or self.start_it or self.knn_sets is None:
             return True
         self.baseline = self.monitor("random init")
         if self.baseline is not None:  # a new run's log starts here (find_checkpoint: nothing else in it)
@@ -202,7 +212,7 @@ class Run:
         log["skipped_images"] = int(distributed.all_reduce_sum(torch.tensor([skipped], device=env.device)).item())
         self.save(epoch + 1, log=log)
         due = epoch + 1 == args.epochs or (args.knn_every > 0 and (epoch + 1) % args.knn_every == 0)
-        if due and not stopped:
+        if due and not stopped and self.knn_sets is not None:
             knn = self.monitor(f"epoch {epoch + 1}")
             stopped = knn is None
             figure = {"knn_top1": knn} if knn is not None else {"knn_interrupted": True}
@@ -229,8 +239,8 @@ def setup(args, env, build_optimizer) -> Run:
     prepare_dataset(args, env)
     loader, run = build_train_loader(args, env, augment_path(args, env)), None
     try:
-        check_same_data(ckpt, ckpt_path, loader, args)
-        knn_sets, num_classes = build_knn_sets(args)
+        grown = check_same_data(ckpt, ckpt_path, loader, args)
+        knn_sets, num_classes = build_knn_sets(args, loader.dataset)
         model = build_run_model(args, env)
         optimizer = build_optimizer(model, args)
         scaler = torch.amp.GradScaler(env.device.type, enabled=env.device.type == "cuda" and args.amp == "fp16")
@@ -239,6 +249,9 @@ def setup(args, env, build_optimizer) -> Run:
             model.backbone.compile(mode=args.compile_mode)
             model.momentum_backbone.compile(mode=args.compile_mode)
         run = Run(args, env, loader, knn_sets, num_classes, model, optimizer, scaler, ckpt, start)
+        if ckpt:
+            run.resumed = (f"resumed from {ckpt_path}: epoch {start[0] + 1}, step {start[1]} of {loader.steps}, "
+                           f"queue holding {len(model.queue)} keys{grown}")
         run.open_output(changes)
         return run
     except BaseException:  # the loader's workers (and the lock) would otherwise outlive the error
@@ -246,14 +259,33 @@ def setup(args, env, build_optimizer) -> Run:
         raise
 
 
-def check_same_data(ckpt, path: str, loader, args) -> None:
-    """A resume inside an epoch continues that epoch's sample order: it needs the same number
-    of training images (a data set of another size would skip the wrong ones)."""
-    images = len(loader.sampler.base.dataset)
-    if ckpt and ckpt.get("step_in_epoch", 0) and ckpt.get("train_images", images) != images:
-        raise ConfigError(f"{path} stopped inside epoch {ckpt['epoch'] + 1} of a data set of {ckpt['train_images']} "
-                          f"training images; --data-path {args.data_path} holds {images}: a mid-epoch resume needs "
-                          f"the same data set")
+def check_same_data(ckpt, path: str, loader, args) -> str:
+    """A resume inside an epoch continues that epoch's sample order: it needs the same training
+    images (the same number and, for a folder, the same files: a data set of another size or
+    order would skip the wrong ones). At an epoch's end the data set may have changed (a folder
+    that grew): the returned words say so for the resume line, else ""."""
+    images, digest = loader.images, loader.digest
+    if not ckpt:
+        return ""
+    saw, listed = ckpt.get("train_images", images), ckpt.get("train_list_sha256")
+    same = saw == images and (listed is None or digest is None or listed == digest)
+    if ckpt.get("step_in_epoch", 0) and not same:
+        files = "" if saw != images else " (the same number, other files)"
+        raise ConfigError(f"{path} stopped inside epoch {ckpt['epoch'] + 1} of a data set of {saw} training images; "
+                          f"--data-path {args.data_path} now holds {images}{files}: a mid-epoch resume needs the "
+                          f"same data set")
+    return "" if same else f"; {args.data_path} now holds {images} training images (the run saw {saw} so far)"
+
+
+def monitors_off(args, knn: bool) -> list[str]:
+    """The lines a run without labels starts with, once: which monitors are off and why."""
+    if args.dataset != "unlabelled":
+        return []
+    if knn:
+        return [f"no labels (--dataset unlabelled): the neighbor quality is off; the kNN monitor reads "
+                f"{args.monitor_path}"]
+    return ["no labels (--dataset unlabelled): the kNN monitor and the neighbor quality are off (give "
+            "--monitor-path DIR, a labelled DIR/train and DIR/val, for a kNN figure)"]
 
 
 def build_run_model(args, env):

@@ -200,8 +200,11 @@ def test_a_worker_bus_error_becomes_one_error_line():
                            "dataloader's workers are out of shared memory. Please try to raise your shared "
                            "memory limit.")
 
+    class Base(list):                                     # a DistributedSampler's length and data set
+        dataset = range(8)
+
     class Sampler:
-        base = range(8)
+        base = Base(range(8))
     with pytest.raises(DataError, match=r"ran out of shared memory \(/dev/shm\).*--ipc=host"):
         list(TrainLoader(dying(), Sampler(), 4))
 

@@ -40,6 +40,7 @@ from torchvision import datasets
 from images import augment
 from runtime import cli
 from images import datasets as image_sets
+from images.folders import list_images
 from runtime import distributed
 from runtime import options
 from runtime import run_control
@@ -87,6 +88,9 @@ def get_args_parser():
       "resident data path), each step begun with torch.compiler.cudagraph_mark_step_begin()")
     a("--stem", default="auto", choices=STEMS, help="the model's stem, as train.py --stem (the Fashion-MNIST "
       "demo recipe uses imagenet)")
+    a("--listing", type=nonneg_int, default=0, metavar="N", help="instead of timing a step: list a folder "
+      "of N empty .jpg files (100 sub-folders, in a temporary folder) as --dataset unlabelled and "
+      "folder do (images/folders.py); writes OUT/bench_listing.json")
     a("--count-ops", action="store_true", help="instead of timing: count the aten operators (and bytes they "
       "touch) of one step on --device: the two-view augmentation of a uint8 batch, train_step with the "
       "recipe's optimiser, and the optimiser alone; print them and write OUT/bench_ops_<arch>_<size>.json")
@@ -515,6 +519,30 @@ def data_benchmark(args, env) -> tuple[dict, list[str]]:
     return result, lines
 
 
+def listing_benchmark(args, env):
+    """Seconds to list --listing empty image files in 100 folders (best of --repeats, after
+    one untimed walk: the operating system's cache warm, as for a folder read every launch)."""
+    with tempfile.TemporaryDirectory() as root:
+        per = -(-args.listing // 100)
+        for i in range(args.listing):
+            folder = os.path.join(root, f"{i // per:03d}")
+            if i % per == 0:
+                os.makedirs(folder)
+            open(os.path.join(folder, f"{i:08d}.jpg"), "wb").close()
+        listed = len(list_images(root))
+        times = []
+        for _ in range(max(args.repeats, 1)):
+            t0 = time.perf_counter()
+            list_images(root)
+            times.append(time.perf_counter() - t0)
+    if listed != args.listing:
+        raise ConfigError(f"listed {listed} of {args.listing} files")
+    best = min(times)
+    line = (f"listing {args.listing} image files in 100 folders: {best:.3f} s (best of {len(times)}), "
+            f"{args.listing / best:,.0f} files/s; 1.28 M files: about {1.28e6 / (args.listing / best):.0f} s")
+    return {"files": args.listing, "seconds": best, "files_per_s": args.listing / best, "args": vars(args)}, [line]
+
+
 def main(argv=None):
     """Parse, measure, write OUT/<name>.json, print; one `error:` line and status 1 or 2 on bad input."""
     p = get_args_parser()
@@ -525,11 +553,12 @@ def main(argv=None):
             env = distributed.init_distributed(args.device)  # one process: no process group
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        run = data_benchmark if args.data else ops_benchmark if args.count_ops else step_benchmark
+        run = data_benchmark if args.data else ops_benchmark if args.count_ops else \
+            listing_benchmark if args.listing else step_benchmark
         result, lines = run(args, env)
     except (ConfigError, image_sets.DataError) as e:
         cli.fail(e)
-    name = (f"bench_data_{env.device.type}" if args.data else
+    name = ("bench_listing" if args.listing else f"bench_data_{env.device.type}" if args.data else
             f"bench_ops_{env.device.type}_{args.arch}_{args.image_size}" if args.count_ops else
             f"bench_{env.device.type}_{args.arch}" + "_channels_last" * args.channels_last + "_compile" * args.compile
             + ("_" + args.compile_mode) * (args.compile_mode != "default"))

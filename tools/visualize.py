@@ -114,6 +114,10 @@ def bank_and_queries(a: dict, ckpt_path: str, data_path, bank_size, queries, def
     """Fixed subsets of the checkpoint's train split (bank, seed 0) and test split (queries, seed 1),
     eval transform. None sizes: the defaults, capped at the split's size; a given size larger
     than its split is an error."""
+    if a["dataset"] == "unlabelled":
+        raise ConfigError(f"the pictures mark neighbors by class, and {ckpt_path} was trained on --dataset "
+                          f"unlabelled ({a['data_path']}): no class to mark; eval_linear.py --dataset folder "
+                          f"measures it on a labelled folder")
     root = checkpoint_data_path(ckpt_path, a, data_path)
     t = eval_transform(a["dataset"], a["image_size"])
     try:
