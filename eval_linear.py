@@ -39,7 +39,8 @@ from runtime.checkpoint import (ConfigError, append_json, checkpoint_data_path, 
                                 load_checkpoint, load_state, log_changes, save_checkpoint, weights_digest)
 from runtime.cli import nonneg_float, nonneg_int, positive_float, positive_int
 from images.datasets import (DATASETS, NUM_CLASSES, DataError, EpochSampler, SkipUnreadable, build_dataset,
-                             closing_workers, eval_transform, fixed_subset, ignore_stop_signals)
+                             closing_workers, eval_transform, ignore_stop_signals)
+from images.subsets import balanced_subset, fixed_subset, labels_of, subset_from_list
 from monitors.knn import extract_features, knn_accuracy
 from model import ARCHS, build_backbone
 from runtime.progress import show_bars
@@ -136,39 +137,6 @@ def check_backbone_unchanged(backbone: nn.Module, reference: dict) -> None:
     changed = [k for k, v in backbone.state_dict().items() if not torch.equal(v.cpu(), reference[k])]
     if changed:
         raise RuntimeError(f"the frozen backbone changed during linear probing: {changed[:5]}")
-
-
-def balanced_subset(labels: list, percent: float, seed: int) -> list:
-    """percent % of each class (at least one image), drawn with a fixed seed; sorted indices."""
-    g = torch.Generator().manual_seed(seed)
-    by_class = {}
-    for i, y in enumerate(labels):
-        by_class.setdefault(int(y), []).append(i)
-    chosen = []
-    for idx in by_class.values():
-        take = max(1, round(len(idx) * percent / 100))
-        chosen += [idx[j] for j in torch.randperm(len(idx), generator=g)[:take].tolist()]
-    return sorted(chosen)
-
-
-def subset_from_list(dataset, list_file: str) -> list:
-    """Indices of the ImageFolder samples whose file names appear in list_file (SimCLR's split files)."""
-    if not os.path.isfile(list_file):
-        raise ConfigError(f"--subset-list {list_file}: no such file")
-    if not hasattr(dataset, "samples"):  # split files name image files: only ImageFolder datasets have them
-        raise ConfigError(f"--subset-list needs an image-folder dataset (imagenet or folder); "
-                          f"{type(dataset).__name__} has no image files: omit --subset-list to draw "
-                          f"a class-balanced subset by --seed")
-    with open(list_file) as f:
-        names = {os.path.basename(line.strip()) for line in f if line.strip()}
-    chosen = [i for i, (p, _) in enumerate(dataset.samples) if os.path.basename(p) in names]
-    if not chosen:
-        raise ConfigError(f"no training image of {dataset.root} is named in {list_file}")
-    return chosen
-
-
-def labels_of(dataset) -> list:
-    return list(dataset.targets) if hasattr(dataset, "targets") else [y for _, y in dataset]
 
 
 def accuracy(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list:

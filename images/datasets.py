@@ -298,8 +298,8 @@ def check_folders(name: str, root: str, train: bool = True) -> None:
     unlabelled (which has no test split), DATA_PATH/train or /val with the same classes else."""
     if name == "unlabelled":
         if not train:
-            raise DataError(f"--dataset unlabelled has no test split: labels are needed for that; give a "
-                            f"labelled --dataset folder (DIR/train and DIR/val, one folder per class)")
+            raise DataError("--dataset unlabelled has no test split: labels are needed for that; give a "
+                            "labelled --dataset folder (DIR/train and DIR/val, one folder per class)")
         if os.path.isfile(root):
             raise DataError(f"--data-path {root} is a file; give the folder that holds the images")
         if not os.path.isdir(root):
@@ -439,14 +439,3 @@ def closing_workers(loader):
         shutdown = getattr(iterator, "_shutdown_workers", None)  # the DataLoader's own; no public call
         if shutdown is not None:                                 # (None with --workers 0)
             shutdown()
-
-
-def fixed_subset(dataset, size: int, seed: int = 0, what: str = "--subset"):
-    """A fixed random subset of `size` items (all of them when size is 0 or len(dataset))."""
-    if size > len(dataset):
-        raise DataError(f"{what} {size} is larger than the data set ({len(dataset)} images); "
-                        f"use at most {len(dataset)}, or 0 for all")
-    if size <= 0 or size == len(dataset):
-        return dataset
-    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size]
-    return torch.utils.data.Subset(dataset, idx.tolist())

@@ -33,7 +33,8 @@ from images.folders import list_digest
 from runtime.distributed import agree, all_gather, on_main
 from images.datasets import (FILE_SETS, IMAGENET_MEAN_STD, MEAN_STD, NUM_CLASSES, CropToUint8, DataError,
                              EpochSampler, FashionMNIST, SkipUnreadable, TwoViews, build_dataset, check_folders,
-                             eval_transform, fixed_subset, ignore_stop_signals, two_view_transforms)
+                             eval_transform, ignore_stop_signals, two_view_transforms)
+from images.subsets import fixed_subset
 
 RESIDENT = ("fashion-mnist", "cifar10", "cifar100", "fake")  # held on the device by the batched path
 AUGMENT_DEVICES = ("auto", "workers", "cpu", "cuda")

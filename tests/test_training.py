@@ -470,7 +470,7 @@ def test_epoch_sampler_skips_the_trained_part_of_the_same_order():
 
 
 def test_balanced_subset_takes_the_same_share_of_every_class():
-    from eval_linear import balanced_subset
+    from images.subsets import balanced_subset
     labels = [0] * 300 + [1] * 100 + [2] * 50
     chosen = balanced_subset(labels, 10, seed=0)
     counts = [sum(labels[i] == c for i in chosen) for c in range(3)]
@@ -721,8 +721,8 @@ def test_a_data_worker_killed_ends_with_one_line_and_keeps_the_checkpoint(tmp_pa
     stdout, stderr = proc.communicate(timeout=300)
     lines = stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1, (proc.returncode, stderr[-3000:])
-    assert lines[0].startswith(f"error: a DataLoader worker died (killed by signal: Killed), most likely the machine "
-                               f"ran out of memory"), lines[0]
+    assert lines[0].startswith("error: a DataLoader worker died (killed by signal: Killed), most likely the machine "
+                               "ran out of memory"), lines[0]
     assert lines[0].endswith(f"lower --workers or --batch-size; the last checkpoint, {out}/checkpoint.pth, is kept")
     assert (out / "checkpoint.pth").read_bytes() == before
 
