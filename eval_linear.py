@@ -259,12 +259,14 @@ def train_classifier(backbone, dim, num_classes, train_set, test_set, args, env,
                                          pin_memory=env.device.type == "cuda", worker_init_fn=ignore_stop_signals)
     mine = torch.utils.data.Subset(test_set, range(env.rank, len(test_set), env.world_size))
     test_loader = torch.utils.data.DataLoader(mine, batch, num_workers=args.workers, worker_init_fn=ignore_stop_signals)
-    steps, stopper, saved = math.ceil(len(sampler.base) / batch), distributed.StopAgreement(env.stop, env.device), \
-        os.path.join(out_dir, "checkpoint.pth")
-    state = lambda epoch, step: {  # noqa: E731 (where training continues: epoch, step)
-        "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step_in_epoch": step,
-        "best_top1": best, "source": source or {}, "backbone_sha256": digest, "args": vars(args),
-        "world_size": env.world_size, "runtime": eval_runtime(env)}
+    steps, saved = math.ceil(len(sampler.base) / batch), os.path.join(out_dir, "checkpoint.pth")
+    stopper = distributed.StopAgreement(env.stop, env.device)
+
+    def state(epoch: int, step: int) -> dict:
+        """The evaluation's checkpoint; (epoch, step) is where its training continues."""
+        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step_in_epoch": step,
+                "best_top1": best, "source": source or {}, "backbone_sha256": digest, "args": vars(args),
+                "world_size": env.world_size, "runtime": eval_runtime(env)}
     top1, top5 = 0.0, 0.0
     for epoch in range(start, args.epochs):
         sampler.set_epoch(epoch, skip=start_it * batch)

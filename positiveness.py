@@ -12,11 +12,11 @@ The paper calls this a cross-attention with learnable f1, f2 and a scaling facto
 released code has no parameters (f1 = f2 = identity after normalising). Each reading is a
 *rule* in RULES, chosen with `--positiveness`:
 
-  rule        w_bi                                        learned        gradient into y
-  cosine      softmax_i cos(y_1b, n_bi) / t  (released: t = 1)  none       yes
-  attention   softmax_i gamma f1(^y_1b) . f2(^n_bi)       f1, f2 (gamma)  yes
-  hard        1  (every neighbor a full positive)         none           no
-  none        0  (neighbors only as extra negatives)      none           no
+  rule        w_bi                                              learned         gradient into y
+  cosine      softmax_i cos(y_1b, n_bi) / t  (released: t = 1)  none            yes
+  attention   softmax_i gamma f1(^y_1b) . f2(^n_bi)             f1, f2 (gamma)  yes
+  hard        1  (every neighbor a full positive)               none            no
+  none        0  (neighbors only as extra negatives)            none            no
 
 Cosines lie in [-1, 1], so the released rule keeps w within a factor e^2 of uniform: in the
 README's Fashion-MNIST demo (K = 5) same-class neighbors got a mean w of 0.201, other-class

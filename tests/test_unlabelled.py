@@ -12,7 +12,7 @@ from PIL import Image
 
 from images.folders import ClassFolders, list_images
 from runtime.checkpoint import read_log
-from conftest import ROOT, free_port, fails_in_process, jpeg_folder, run_cli, snapshot
+from conftest import free_port, fails_in_process, jpeg_folder, run_cli, snapshot
 
 TINY_RUN = ["--dataset", "unlabelled", "--arch", "resnet18", "--image-size", "16", "--batch-size", "4",
             "--queue-size", "8", "-K", "2", "--dim", "16", "--mlp-dim", "32", "--workers", "0", "--optimizer",
@@ -174,4 +174,3 @@ def test_evaluation_and_pictures_need_labels_and_say_so(my_photos, tmp_path):
     res = run_cli("tools/visualize.py", "calibration", ckpt, "--out", str(tmp_path / "c.png"))
     assert res.returncode == 1 and "trained on --dataset unlabelled" in res.stderr and res.stderr.count("\n") == 1
     assert not (tmp_path / "ev").exists() and not (tmp_path / "c.png").exists()
-    assert ROOT.is_dir()
